@@ -1,0 +1,43 @@
+# Two commands on a fresh machine:  `make demo` (main job on the embedded local Ray)  and  `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU machines pin the CPU build of torch so nothing pulls a CUDA wheel; GPU users: `make install TORCH=cuda`.
+TORCH ?= cpu
+TORCH_VERSION ?= 2.13.0
+CONSTRAINTS := requirements/constraints-$(TORCH).txt
+STAMP := $(VENV)/.installed-$(TORCH)
+export RAY_USAGE_STATS_ENABLED ?= 0
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/medmae/torch_extensions
+
+.PHONY: install demo test lint format bench clean
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+ifeq ($(TORCH),cpu)
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+endif
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[dev,demo]"
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python launch/demo.py
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_model.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

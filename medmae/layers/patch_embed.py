@@ -1,0 +1,66 @@
+"""Patch embedding and the patchify/unpatchify pair for 2D and 3D images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def to_ntuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
+    """``16 -> (16, 16, 16)`` for ``n=3``; a sequence must already have ``n`` items."""
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(int(v) for v in value)
+    if len(value) != n:
+        raise ValueError(f"expected {n} values, got {value}")
+    return value
+
+
+def patchify(imgs: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
+    """``(B, C, *S)`` -> ``(B, L, prod(p)·C)``; each row lists one patch's voxels in (p..., C) order."""
+    b, c, *spatial = imgs.shape
+    n = len(spatial)
+    grid = [s // p for s, p in zip(spatial, patch_size)]
+    # (B, C, g0, p0, g1, p1, ...) -> (B, g0, g1, ..., p0, p1, ..., C)
+    x = imgs.reshape(b, c, *[d for g, p in zip(grid, patch_size) for d in (g, p)])
+    perm = [0] + [2 + 2 * i for i in range(n)] + [3 + 2 * i for i in range(n)] + [1]
+    x = x.permute(*perm)
+    return x.reshape(b, -1, int(torch.tensor(patch_size).prod()) * c)
+
+
+def unpatchify(x: torch.Tensor, patch_size: Sequence[int], grid_size: Sequence[int], channels: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`: ``(B, L, prod(p)·C)`` -> ``(B, C, *S)``."""
+    b = x.shape[0]
+    n = len(grid_size)
+    x = x.reshape(b, *grid_size, *patch_size, channels)
+    # (B, g0.., p0.., C) -> (B, C, g0, p0, g1, p1, ...)
+    perm = [0, 1 + 2 * n] + [d for i in range(n) for d in (1 + i, 1 + n + i)]
+    x = x.permute(*perm)
+    return x.reshape(b, channels, *[g * p for g, p in zip(grid_size, patch_size)])
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches to tokens: a conv with kernel = stride = patch, for 2D or 3D input.
+
+    ``(B, C, *img_size)`` -> ``(B, L, D)`` with ``L = prod(img_size / patch_size)``.
+    """
+
+    def __init__(self, img_size: Sequence[int], patch_size: Sequence[int], in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.spatial_dims = len(img_size)
+        self.img_size = tuple(img_size)
+        self.patch_size = tuple(patch_size)
+        for s, p in zip(self.img_size, self.patch_size):
+            if s % p:
+                raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        self.grid_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
+        self.num_patches = int(torch.tensor(self.grid_size).prod())
+        conv = {2: nn.Conv2d, 3: nn.Conv3d}[self.spatial_dims]
+        self.proj = conv(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[2:]) != self.img_size:
+            raise ValueError(f"input spatial size {tuple(x.shape[2:])} does not match the model's {self.img_size}")
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, *grid) -> (B, L, D)

@@ -1,0 +1,28 @@
+"""Models: ViT encoder, MAE, UNETR and classifier, built by name through the registry."""
+
+from medmae.models import zoo  # noqa: F401  (registers the flavours)
+from medmae.models.classifier import ClassifierConfig, ViTClassifier
+from medmae.models.mae import MAEConfig, MaskedAutoencoderViT
+from medmae.models.registry import create_model, get_entry, list_models, model_config, register_model
+from medmae.models.transfer import load_encoder, read_encoder, save_encoder
+from medmae.models.unetr import UNETR, UNETRConfig
+from medmae.models.vit import ViTConfig, VisionTransformer
+
+__all__ = [
+    "UNETR",
+    "ClassifierConfig",
+    "MAEConfig",
+    "MaskedAutoencoderViT",
+    "UNETRConfig",
+    "ViTClassifier",
+    "ViTConfig",
+    "VisionTransformer",
+    "create_model",
+    "get_entry",
+    "list_models",
+    "load_encoder",
+    "model_config",
+    "read_encoder",
+    "register_model",
+    "save_encoder",
+]
