@@ -6,7 +6,7 @@ from medmae.models.mae import MAEConfig, MaskedAutoencoderViT
 from medmae.models.registry import create_model, get_entry, list_models, model_config, register_model
 from medmae.models.transfer import load_encoder, read_encoder, save_encoder
 from medmae.models.unetr import UNETR, UNETRConfig
-from medmae.models.vit import ViTConfig, VisionTransformer
+from medmae.models.vit import VisionTransformer, ViTConfig
 
 __all__ = [
     "UNETR",

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from medmae.models.vit import ViTConfig, VisionTransformer
+from medmae.models.vit import VisionTransformer, ViTConfig
 
 
 @dataclass

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from medmae.layers import Block, PosEmbed, PrefixTokens, patchify, unpatchify
-from medmae.models.vit import ViTConfig, VisionTransformer, init_linear_and_norm
+from medmae.layers import Block, PosEmbed, patchify, unpatchify
+from medmae.models.vit import VisionTransformer, ViTConfig, init_linear_and_norm
 
 
 @dataclass

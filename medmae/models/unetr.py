@@ -16,7 +16,7 @@ from monai.networks.blocks.dynunet_block import UnetOutBlock
 from monai.networks.blocks.unetr_block import UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import nn
 
-from medmae.models.vit import ViTConfig, VisionTransformer
+from medmae.models.vit import VisionTransformer, ViTConfig
 
 
 @dataclass
@@ -79,7 +79,9 @@ class UNETR(nn.Module):
         # ups[j] brings level levels-j to levels-j-1, deepest first.
         chans = [hidden] + [fs * 2 ** (levels - 1 - j) for j in range(levels)]
         self.ups = nn.ModuleList(
-            UnetrUpBlock(in_channels=chans[j], out_channels=chans[j + 1], kernel_size=3, upsample_kernel_size=2, **common)
+            UnetrUpBlock(
+                in_channels=chans[j], out_channels=chans[j + 1], kernel_size=3, upsample_kernel_size=2, **common
+            )
             for j in range(levels)
         )
         self.head = UnetOutBlock(spatial_dims=nd, in_channels=fs, out_channels=cfg.num_classes)
