@@ -229,3 +229,14 @@ def test_bf16_autocast_runs_in_bf16():
         loss, pred, _ = model(x)
     assert pred.dtype == torch.bfloat16 and torch.isfinite(loss)
     loss.backward()
+
+
+@pytest.mark.parametrize("img_size,patch", [((16, 24), (8, 8)), ((16, 8, 24), (8, 8, 8))])
+def test_patch_embed_equals_the_strided_conv(img_size, patch):
+    from medmae.layers import PatchEmbed
+
+    torch.manual_seed(0)
+    pe = PatchEmbed(img_size, patch, in_chans=3, embed_dim=10)
+    x = torch.randn(2, 3, *img_size)
+    ref = pe.proj(x).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(pe(x), ref, rtol=1e-5, atol=1e-5)

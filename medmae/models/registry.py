@@ -24,8 +24,9 @@ class ModelEntry:
     config_cls: type
     defaults: Callable[[], dict[str, Any]]
 
-    def config(self, **overrides: Any) -> Any:
-        return from_dict(self.config_cls, {**self.defaults(), **overrides})
+    def config(self, _prefix: str = "", **overrides: Any) -> Any:
+        """Validated config; ``_prefix`` (e.g. ``"model."``) is how error messages name the keys."""
+        return from_dict(self.config_cls, {**self.defaults(), **overrides}, prefix=_prefix)
 
 
 _REGISTRY: dict[str, ModelEntry] = {}

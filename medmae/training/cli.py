@@ -1,0 +1,53 @@
+"""Shared command-line handling of the launch scripts: ``--config FILE`` plus dotted ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+from medmae.config import field_docs, load_config
+from medmae.training.config import JobConfig
+
+
+def sections_help() -> str:
+    lines = ["config sections and keys (override any with section.key=value):"]
+    for f in dataclasses.fields(JobConfig):
+        if dataclasses.is_dataclass(f.type) or isinstance(f.default_factory, type):
+            cls = f.default_factory
+            lines.append(f"  {f.name}: " + ", ".join(field_docs(cls)))
+        else:
+            lines.append(f"  {f.name}")
+    lines.append("  model: name=<registered model> plus any key of that model's config (img_size, depth, ...)")
+    return "\n".join(lines)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description, epilog=sections_help(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="YAML file with the values that differ from the defaults")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.base_lr=1e-4")
+    return ap
+
+
+def load_job(args: Any) -> JobConfig:
+    """Build the job config, printing a one-line error (not a traceback) for a bad key or value."""
+    try:
+        return load_config(JobConfig, args.config, args.overrides)
+    except ValueError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def absolute_paths(cfg: JobConfig) -> JobConfig:
+    """Resolve local relative paths against the launching directory: worker processes may start elsewhere."""
+    from pathlib import Path
+
+    def fix(p: str) -> str:
+        return p if not p or "://" in p else str(Path(p).expanduser().resolve())
+
+    cfg.run.output_dir = fix(cfg.run.output_dir)
+    cfg.dist.storage_path = fix(cfg.dist.storage_path)
+    cfg.data.path = fix(cfg.data.path)
+    return cfg

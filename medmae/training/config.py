@@ -1,0 +1,150 @@
+"""The job config: every component's section, plus the one function that derives batch arithmetic and lr.
+
+A YAML file holds only what differs from these defaults; ``launch/*.py --config F key.sub=value ...`` builds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from medmae.config import from_dict
+from medmae.data.config import DataConfig
+from medmae.distributed.config import DistributedConfig
+from medmae.models.registry import get_entry
+
+
+@dataclass
+class RunConfig:
+    name: str = "debug"
+    """run name: the run directory under output_dir; re-running the same name resumes it"""
+    output_dir: str = "runs"
+    """where run directories (config, checkpoints, TensorBoard, exports) are written"""
+    seed: int = 0
+    """seed for weights, masking, crops and shuffling"""
+    log_every: int = 10
+    """steps between console/TensorBoard scalar logs"""
+    image_every: int = 100
+    """steps between TensorBoard reconstruction images (0 = never)"""
+    checkpoint_every: int = 100
+    """steps between checkpoints (a final one is always written)"""
+    keep_last: int = 2
+    """checkpoints kept on disk"""
+    val_every: int = 0
+    """steps between validations (0 = only at the end; fine-tuning)"""
+    fail_at_step: int = -1
+    """testing aid: a worker kills its own process once when it reaches this step (-1 = never)"""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name: must be a non-empty name without '/', got {self.name!r}")
+        for k in ("log_every", "checkpoint_every", "keep_last"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k}: must be >= 1, got {getattr(self, k)}")
+        if self.image_every < 0 or self.val_every < 0:
+            raise ValueError("image_every/val_every: must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4
+    """lr per 256 samples: lr = base_lr × global_batch / 256 (MAE's rule)"""
+    lr: float | None = None
+    """absolute peak lr; when set it replaces the base_lr scaling"""
+    min_lr: float = 0.0
+    """floor of the cosine decay"""
+    weight_decay: float = 0.05
+    """AdamW weight decay (never on norms, biases, position tables and tokens)"""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas"""
+    warmup_steps: int = 0
+    """linear warmup steps, then cosine decay to min_lr at max_steps"""
+    layer_decay: float = 1.0
+    """layer-wise lr decay through the encoder's group_matcher (1.0 = off; fine-tuning uses ~0.75)"""
+    grad_clip: float = 0.0
+    """max global gradient norm (0 = no clipping)"""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if self.base_lr <= 0 or (self.lr is not None and self.lr <= 0):
+            raise ValueError("base_lr/lr: must be positive")
+        if self.min_lr < 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
+            raise ValueError("min_lr/weight_decay/grad_clip/warmup_steps: must be >= 0")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas: must be in [0, 1), got {self.betas}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay: must be in (0, 1], got {self.layer_decay}")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """optimizer steps in the whole run"""
+    micro_batch: int = 2
+    """samples per worker per forward/backward"""
+    global_batch: int | None = None
+    """samples per optimizer step over all workers (None = micro_batch × workers); sets gradient accumulation"""
+    grad_checkpointing: bool = False
+    """recompute encoder blocks in backward to save activation memory"""
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.micro_batch < 1:
+            raise ValueError("max_steps/micro_batch: must be >= 1")
+        if self.global_batch is not None and self.global_batch < self.micro_batch:
+            raise ValueError(f"global_batch: {self.global_batch} is smaller than micro_batch {self.micro_batch}")
+
+
+DEFAULT_MODEL = {"pretrain": "mae_vit_3d_debug", "segment": "unetr_vit_3d_debug", "classify": "vit_2d_cls_debug"}
+
+
+@dataclass
+class JobConfig:
+    task: Literal["pretrain", "segment", "classify"] = "pretrain"
+    """what is trained: MAE pretraining, segmentation or classification fine-tuning"""
+    model: dict[str, Any] = field(default_factory=dict)
+    """registered model name plus overrides of its config (img_size, depth, mask_ratio, ...)"""
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def __post_init__(self) -> None:
+        if "name" not in self.model:
+            self.model = {"name": DEFAULT_MODEL[self.task], **self.model}
+        self.model_config()  # validates the overrides now, naming model.<key>
+
+    def model_config(self) -> Any:
+        overrides = {k: v for k, v in self.model.items() if k != "name"}
+        if self.train.grad_checkpointing:
+            overrides.setdefault("grad_checkpointing", True)
+        try:
+            entry = get_entry(self.model["name"])
+        except ValueError as e:
+            raise ValueError(f"model.name: {e}") from None
+        return entry.config(_prefix="model.", **overrides)
+
+
+@dataclass(frozen=True)
+class Derived:
+    world_size: int
+    grad_accum: int
+    global_batch: int
+    lr: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "grad_accum": self.grad_accum, "global_batch": self.global_batch,
+                "lr": self.lr}
+
+
+def derive(cfg: JobConfig, world_size: int) -> Derived:
+    """Batch arithmetic and lr for ``world_size`` workers; a resumed run on another count keeps the global batch."""
+    global_batch = cfg.train.global_batch or cfg.train.micro_batch * world_size
+    per_step = cfg.train.micro_batch * world_size
+    if global_batch % per_step:
+        raise ValueError(
+            f"train.global_batch: {global_batch} is not divisible by micro_batch {cfg.train.micro_batch} × "
+            f"{world_size} workers"
+        )
+    lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * global_batch / 256
+    return Derived(world_size=world_size, grad_accum=global_batch // per_step, global_batch=global_batch, lr=lr)

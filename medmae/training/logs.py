@@ -1,0 +1,116 @@
+"""One logger with a rank prefix, TensorBoard on rank 0 only, and a console progress line with ETA."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+_FORMAT = "%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(rank: int, level: int = logging.INFO) -> None:
+    """Route medmae's loggers to stderr with the rank in every line (idempotent per process)."""
+    root = logging.getLogger("medmae")
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_FORMAT.format(rank=rank), datefmt="%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
+class Board:
+    """TensorBoard writer on rank 0; every call is a no-op elsewhere."""
+
+    def __init__(self, log_dir: str | os.PathLike, rank: int) -> None:
+        self.writer = None
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(str(log_dir))
+
+    def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
+        if self.writer is None:
+            return
+        for k, v in values.items():
+            if v is not None:
+                self.writer.add_scalar(f"{prefix}{k}", v, step)
+
+    def image(self, tag: str, img: np.ndarray, step: int) -> None:
+        """``img`` (H, W) or (3, H, W) in [0, 1]."""
+        if self.writer is None:
+            return
+        self.writer.add_image(tag, img if img.ndim == 3 else img[None], step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+class Progress:
+    """A console line every ``log_every`` steps: step, loss, rate and ETA."""
+
+    def __init__(self, total: int, start: int) -> None:
+        self.total, self.start, self.t0 = total, start, time.perf_counter()
+        self.log = logging.getLogger("medmae.progress")
+
+    def update(self, step: int, values: dict[str, Any]) -> None:
+        done = step + 1 - self.start
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(done, 1) * (self.total - step - 1)
+        shown = " ".join(f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, (int, float)))
+        self.log.info("step %d/%d %s | eta %s", step + 1, self.total, shown, _hms(eta))
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak accelerator memory, or this process's resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        return float("nan")
+
+
+# Dense bf16 peak of common training GPUs, for MFU (FLOP/s).
+_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in _PEAK_BF16.items() if k in name), None)
+
+
+def reconstruction_panel(imgs: torch.Tensor, pred_imgs: torch.Tensor, mask_imgs: torch.Tensor) -> np.ndarray:
+    """Middle slice of the first sample: input | masked input | reconstruction (visible patches pasted back).
+
+    All three ``(C, *S)`` tensors of one sample; ``mask_imgs`` is 1 where hidden. Returns (H, 3W) in [0, 1].
+    """
+    def mid(t: torch.Tensor) -> np.ndarray:
+        t = t[0].float()  # first channel
+        return (t[t.shape[0] // 2] if t.ndim == 3 else t).cpu().numpy()
+
+    x, m, p = mid(imgs), mid(mask_imgs), mid(pred_imgs)
+    lo, hi = float(x.min()), float(x.max())
+    scale = (lambda a: np.clip((a - lo) / (hi - lo), 0, 1)) if hi > lo else (lambda a: np.zeros_like(a))
+    masked = scale(x) * (1 - m)
+    recon = scale(x) * (1 - m) + scale(p) * m
+    return np.concatenate([scale(x), masked, recon], axis=1).astype(np.float32)

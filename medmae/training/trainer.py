@@ -1,0 +1,227 @@
+"""One trainer for pretraining and fine-tuning: ``Trainer(cfg).train()`` in every worker process.
+
+The same code runs in a Ray Train worker, under the ``deepspeed`` launcher or ``torchrun``, and as a single process;
+``medmae.distributed`` hides which. The task spec supplies the model, its loss and its export.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from medmae.config import from_dict, save_config, to_dict
+from medmae.data import build_train_loader
+from medmae.distributed import checkpoint_dir, create_engine, init_process_group, latest_checkpoint_dir, report
+from medmae.training.config import JobConfig, derive
+from medmae.training.logs import Board, Progress, memory_gib, peak_flops, setup_logging
+from medmae.training.optim import lr_at, param_groups
+from medmae.training.tasks import get_task
+
+logger = logging.getLogger(__name__)
+
+STEP_PREFIX = "step-"
+
+
+def run_dir_of(cfg: JobConfig) -> Path:
+    return Path(cfg.run.output_dir).expanduser().resolve() / cfg.run.name
+
+
+def _rng_state() -> dict[str, str]:
+    """Torch and NumPy generator states as base64 text, so the client state holds no pickled objects."""
+    np_state = np.random.get_state()
+    return {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "numpy_keys": base64.b64encode(np_state[1].astype(np.uint32).tobytes()).decode(),
+        "numpy_pos": str(int(np_state[2])),
+    }
+
+
+def _set_rng_state(state: dict[str, str]) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    keys = np.frombuffer(base64.b64decode(state["numpy_keys"]), dtype=np.uint32)
+    np.random.set_state(("MT19937", keys, int(state["numpy_pos"]), 0, 0.0))
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg = cfg
+        self.task = get_task(cfg.task)
+        self.rank, self.world_size = init_process_group(cfg.dist.backend)
+        setup_logging(self.rank)
+        self.run_dir = run_dir_of(cfg)
+        self.derived = derive(cfg, self.world_size)
+        self.model_cfg = cfg.model_config()
+        torch.manual_seed(cfg.run.seed)
+        np.random.seed(cfg.run.seed)
+        model = self.task.build_model(cfg.model, self.model_cfg)
+        if cfg.train.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
+        self.engine = create_engine(
+            model, groups, cfg.dist, micro_batch=cfg.train.micro_batch, grad_accum=self.derived.grad_accum,
+            grad_clip=cfg.optim.grad_clip, lr=self.derived.lr, betas=cfg.optim.betas,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        self.device = self.engine.device
+        self.step = 0
+        self.board = Board(self.run_dir / "tensorboard", self.rank)
+        if self.rank == 0:
+            save_config(cfg, self.run_dir / "config.yaml", extra={"derived": self.derived.as_dict(),
+                                                                 "model_resolved": to_dict(self.model_cfg)})
+            logger.info("run %s: %s", self.run_dir, self.derived.as_dict())
+        self.resume()
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------------
+    def client_state(self) -> dict[str, Any]:
+        return {"step": self.step, "model_name": self.cfg.model["name"], "model": to_dict(self.model_cfg),
+                "global_batch": self.derived.global_batch, "rng": _rng_state()}
+
+    def resume(self) -> None:
+        ckpt = latest_checkpoint_dir(self.run_dir / "checkpoints")
+        if ckpt is None:
+            return
+        state = self.engine.load(ckpt)
+        if state.get("model") != to_dict(self.model_cfg) or state.get("model_name") != self.cfg.model["name"]:
+            raise ValueError(
+                f"checkpoint {ckpt} was written for model {state.get('model_name')} {state.get('model')}; "
+                f"this run builds {self.cfg.model['name']} {to_dict(self.model_cfg)}: refusing to resume into a "
+                "different architecture (use a new run.name)"
+            )
+        self.step = int(state["step"])
+        _set_rng_state(state["rng"])
+        logger.info("resumed from %s at step %d (written with global batch %s, now %d)", ckpt, self.step,
+                    state.get("global_batch"), self.derived.global_batch)
+
+    def save_checkpoint(self, metrics: dict[str, float], final: bool = False) -> None:
+        """Every rank writes its shard; under Ray the files become the run's reported checkpoint."""
+        name = f"{STEP_PREFIX}{self.step:08d}"
+        with checkpoint_dir(self.run_dir / "checkpoints", name) as d:
+            self.engine.save(d, tag=name, client_state=self.client_state())
+            if final:
+                self.export(Path(d))
+            report({**metrics, "step": self.step}, d)
+        self.prune_checkpoints()
+
+    def prune_checkpoints(self) -> None:
+        root = self.run_dir / "checkpoints"
+        if self.rank != 0 or not root.is_dir():
+            return
+        steps = sorted(p for p in root.iterdir() if p.name.startswith(STEP_PREFIX))
+        for old in steps[: -self.cfg.run.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def export(self, extra_dir: Path | None = None) -> None:
+        """Consolidated fp32 weights through the task (MAE: ``encoder.safetensors``) into the run directory."""
+        state = self.engine.consolidated_state_dict()  # collective
+        if self.rank != 0:
+            return
+        for path in self.task.export(state, self.model_cfg, self.run_dir):
+            logger.info("exported %s", path)
+            if extra_dir is not None:
+                shutil.copy2(path, extra_dir / path.name)
+
+    # ---- data -------------------------------------------------------------------------------------------------------
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless micro-batches; each pass over the loader is an epoch with its own seed (resume draws fresh)."""
+        epoch = 0
+        while True:
+            seed = self.cfg.run.seed + 100_003 * self.step + epoch
+            loader = build_train_loader(self.cfg.data, batch_size=self.cfg.train.micro_batch, rank=self.rank,
+                                        world_size=self.world_size, seed=seed, with_labels=self.task.with_labels)
+            got = False
+            for batch in loader:
+                got = True
+                yield {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            if not got:
+                raise RuntimeError(f"the training data at {self.cfg.data.path} yielded no batch for rank {self.rank}")
+            epoch += 1
+
+    # ---- training ---------------------------------------------------------------------------------------------------
+    def train_step(self, data: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """One optimizer step over ``grad_accum`` micro-batches. Returns the last micro-batch and its outputs too."""
+        lr = lr_at(self.step, peak=self.derived.lr, warmup=self.cfg.optim.warmup_steps,
+                   total=self.cfg.train.max_steps, floor=self.cfg.optim.min_lr)
+        self.engine.set_lr(lr)
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.derived.grad_accum):
+            batch = next(data)
+            batch["image"] = batch["image"].to(self.engine.dtype)
+            loss, out = self.task.loss(self.engine, batch)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().float()
+        self.step += 1
+        return {"loss": total / self.derived.grad_accum, "lr": lr, "batch": batch, "out": out}
+
+    def mean_over_ranks(self, value: torch.Tensor) -> float:
+        if self.world_size > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.world_size
+        return float(value)
+
+    def maybe_fail(self) -> None:
+        """Testing aid: the last rank kills its own process once at ``run.fail_at_step``."""
+        if self.step != self.cfg.run.fail_at_step or self.rank != self.world_size - 1:
+            return
+        marker = self.run_dir / ".fail_injected"
+        if not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(str(self.step))
+            logger.warning("fail_at_step: killing this worker at step %d", self.step)
+            os._exit(13)
+
+    def train(self) -> dict[str, float]:
+        cfg = self.cfg
+        data = self.batches()
+        progress = Progress(cfg.train.max_steps, self.step)
+        flops = self.task.flops_per_sample(self.model_cfg) * self.derived.global_batch
+        peak = peak_flops(self.device)
+        metrics: dict[str, float] = {}
+        t0 = time.perf_counter()
+        while self.step < cfg.train.max_steps:
+            self.maybe_fail()
+            out = self.train_step(data)
+            if self.step % cfg.run.log_every == 0 or self.step == cfg.train.max_steps:
+                dt = (time.perf_counter() - t0) / cfg.run.log_every
+                metrics = {
+                    "loss": self.mean_over_ranks(out["loss"]), "lr": out["lr"], "grad_norm": self.engine.grad_norm(),
+                    "step_time_s": dt, "volumes_per_s": self.derived.global_batch / dt,
+                    "tokens_per_s": self.derived.global_batch * _num_tokens(self.model_cfg) / dt,
+                    "memory_gib": memory_gib(self.device),
+                }
+                if peak:
+                    metrics["mfu"] = flops / dt / (peak * self.world_size)
+                self.board.scalars(metrics, self.step, prefix="train/")
+                if self.rank == 0:
+                    progress.update(self.step - 1, metrics)
+                t0 = time.perf_counter()
+            if cfg.run.image_every and self.step % cfg.run.image_every == 0 and self.rank == 0:
+                img = self.task.image(self.engine.module, out["batch"], out["out"])
+                if img is not None:
+                    self.board.image("train/input|masked|reconstruction", img, self.step)
+            if self.step % cfg.run.checkpoint_every == 0 and self.step < cfg.train.max_steps:
+                self.save_checkpoint(metrics)
+        self.save_checkpoint(metrics, final=True)
+        self.board.close()
+        return metrics
+
+
+def _num_tokens(model_cfg: Any) -> int:
+    return int(np.prod(model_cfg.grid_size))
+
+
+def train_worker(job: dict[str, Any]) -> None:
+    """Entry point of every worker process: ``job["config"]`` is the resolved config as plain data."""
+    cfg = from_dict(JobConfig, job["config"])
+    Trainer(cfg).train()
