@@ -1,7 +1,7 @@
 """Train-step time and activation memory: our MAE ViT-B/16 3D vs MONAI's MaskedAutoEncoderViT, side by side.
 
-    python bench/bench_model.py                 # ViT-B/16 at 96³, batch 2: fp32 and bf16 on CPU (+ CUDA bf16 if present)
-    python bench/bench_model.py --quick         # small sizes, seconds: checks that the bench runs
+    python bench/bench_model.py          # ViT-B/16 at 96³, batch 2: fp32 and bf16 on CPU (+ CUDA bf16 if present)
+    python bench/bench_model.py --quick  # small sizes, seconds: checks that the bench runs
 
 Activation memory is the bytes autograd saves for backward (counted with saved-tensor hooks, so it is the same on
 CPU and GPU); on CUDA peak allocated memory is printed too. Speed is the median over timed steps after warmup.

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from medmae.config import from_dict
 from medmae.data.config import DataConfig
 from medmae.distributed.config import DistributedConfig
 from medmae.models.registry import get_entry
