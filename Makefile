@@ -23,8 +23,16 @@ endif
 
 install: $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/python launch/demo.py
+# The sample data: the real ICBM152 T1 template that nilearn ships (offline), converted to WebDataset shards.
+data/sample/dataset.json: | $(STAMP)
+	$(BIN)/python tools/sample_data.py data/sample
+
+data/sample_wds/manifest.json: data/sample/dataset.json
+	$(BIN)/python tools/to_wds.py data/sample/dataset.json data/sample_wds --format wds --preset mri \
+		--spacing 2 2 2 --shard-size-mb 4
+
+demo: $(STAMP) data/sample_wds/manifest.json
+	$(BIN)/python launch/pretrain.py --config configs/pretrain_debug.yaml
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -14,10 +14,9 @@ from medmae.training.config import JobConfig
 def sections_help() -> str:
     lines = ["config sections and keys (override any with section.key=value):"]
     for f in dataclasses.fields(JobConfig):
-        if dataclasses.is_dataclass(f.type) or isinstance(f.default_factory, type):
-            cls = f.default_factory
-            lines.append(f"  {f.name}: " + ", ".join(field_docs(cls)))
-        else:
+        if dataclasses.is_dataclass(f.default_factory):
+            lines.append(f"  {f.name}: " + ", ".join(field_docs(f.default_factory)))
+        elif f.name != "model":
             lines.append(f"  {f.name}")
     lines.append("  model: name=<registered model> plus any key of that model's config (img_size, depth, ...)")
     return "\n".join(lines)

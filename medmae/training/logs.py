@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -28,15 +29,16 @@ def setup_logging(rank: int, level: int = logging.INFO) -> None:
 
 
 class Board:
-    """TensorBoard writer on rank 0; every call is a no-op elsewhere."""
+    """TensorBoard writer plus ``metrics.jsonl`` (one line per logged step) on rank 0; no-ops elsewhere."""
 
-    def __init__(self, log_dir: str | os.PathLike, rank: int) -> None:
-        self.writer = None
+    def __init__(self, run_dir: str | os.PathLike, rank: int) -> None:
+        self.writer = self.jsonl = None
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(str(log_dir))
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
 
     def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
         if self.writer is None:
@@ -44,6 +46,7 @@ class Board:
         for k, v in values.items():
             if v is not None:
                 self.writer.add_scalar(f"{prefix}{k}", v, step)
+        self.jsonl.write(json.dumps({"step": step, **{f"{prefix}{k}": v for k, v in values.items()}}) + "\n")
 
     def image(self, tag: str, img: np.ndarray, step: int) -> None:
         """``img`` (H, W) or (3, H, W) in [0, 1]."""
@@ -55,6 +58,7 @@ class Board:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+            self.jsonl.close()
 
 
 class Progress:

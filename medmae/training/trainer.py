@@ -74,7 +74,7 @@ class Trainer:
         )
         self.device = self.engine.device
         self.step = 0
-        self.board = Board(self.run_dir / "tensorboard", self.rank)
+        self.board = Board(self.run_dir, self.rank)
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml", extra={"derived": self.derived.as_dict(),
                                                                  "model_resolved": to_dict(self.model_cfg)})
@@ -179,6 +179,9 @@ class Trainer:
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(str(self.step))
             logger.warning("fail_at_step: killing this worker at step %d", self.step)
+            # Ray's controller collects reports by polling; a worker that dies right after reporting can take its
+            # latest checkpoint with it. Waiting a few poll intervals makes the injected failure deterministic.
+            time.sleep(3.0)
             os._exit(13)
 
     def train(self) -> dict[str, float]:
@@ -188,6 +191,12 @@ class Trainer:
         flops = self.task.flops_per_sample(self.model_cfg) * self.derived.global_batch
         peak = peak_flops(self.device)
         metrics: dict[str, float] = {}
+        if self.step >= cfg.train.max_steps:
+            logger.info("run already complete at step %d (train.max_steps=%d): exporting only", self.step,
+                        cfg.train.max_steps)
+            self.export()
+            self.board.close()
+            return metrics
         t0 = time.perf_counter()
         while self.step < cfg.train.max_steps:
             self.maybe_fail()

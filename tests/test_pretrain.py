@@ -1,0 +1,172 @@
+"""MAE pretraining end to end: the real trainer on 2 Ray Train workers running DeepSpeed (gloo, CPU).
+
+One local Ray session serves the module; each run is a few dozen steps of the debug MAE on generated volumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from medmae.config import load_config, to_dict
+from medmae.data.convert.options import ConvertOptions
+from medmae.data.convert.run import convert
+from medmae.data.synthetic import write_phantom_dataset
+from medmae.models import create_model, load_encoder, read_encoder
+from medmae.training.config import JobConfig
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    datalist = write_phantom_dataset(root / "raw", n=4, shape=(40, 40, 40), seed=3)
+    out = root / "wds"
+    convert(datalist, out, ConvertOptions(format="wds", preset="ct", workers=0, shard_size_mb=0.1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
+    temp = f"/tmp/rp_{os.getpid()}"
+    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False, _temp_dir=temp,
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _config(tmp_path: Path, shards: Path, *overrides: str) -> JobConfig:
+    return load_config(JobConfig, REPO / "configs/pretrain_debug.yaml", [
+        f"data.path={shards}", f"run.output_dir={tmp_path / 'runs'}", f"dist.storage_path={tmp_path / 'ray'}",
+        "data.num_workers=0", "data.samples_per_epoch=64", "run.log_every=1",
+    ] + list(overrides))
+
+
+def _pretrain(cfg: JobConfig):
+    from medmae.distributed import run_ray
+    from medmae.training.trainer import train_worker
+
+    return run_ray(train_worker, {"config": to_dict(cfg)}, cfg.dist, run_name=cfg.run.name)
+
+
+def _metrics(cfg: JobConfig) -> list[dict]:
+    path = Path(cfg.run.output_dir) / cfg.run.name / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _events(cfg: JobConfig):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(cfg.run.output_dir) / cfg.run.name / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_workers_pretrain_loss_falls_and_writes_everything(ray_session, tmp_path, shards, stage):
+    cfg = _config(tmp_path, shards, f"run.name=zero{stage}", f"dist.zero_stage={stage}", "train.max_steps=24",
+                  "run.checkpoint_every=12", "run.image_every=12", "model.norm_pix_loss=false",
+                  "optim.base_lr=0.05", "optim.warmup_steps=2")
+    result = _pretrain(cfg)
+    assert result.error is None and result.metrics["step"] == 24
+    losses = [m["train/loss"] for m in _metrics(cfg)]
+    assert len(losses) == 24
+    assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4, losses
+    # TensorBoard: the loss scalar at every step and the reconstruction image.
+    acc = _events(cfg)
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 25))
+    assert {"train/lr", "train/volumes_per_s", "train/grad_norm"} <= set(acc.Tags()["scalars"])
+    assert len(acc.Images("train/input|masked|reconstruction")) == 2
+    # Ray persisted the checkpoints (both ranks' shards in one folder) and the export.
+    run_storage = tmp_path / "ray" / cfg.run.name
+    ckpts = sorted(p for p in run_storage.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
+    assert len(ckpts) == 2
+    final = ckpts[-1]
+    assert (final / "step-00000024" / "medmae_dist.json").is_file()
+    assert (final / "encoder.safetensors").is_file()
+    # The exported encoder loads into UNETR with every weight transferred.
+    weights, enc_cfg = read_encoder(Path(cfg.run.output_dir) / cfg.run.name / "encoder.safetensors")
+    assert enc_cfg["depth"] == 4 and enc_cfg["img_size"] == [32, 32, 32]
+    unetr = create_model("unetr_vit_3d_debug")
+    assert load_encoder(unetr, weights, enc_cfg)["loaded"] == len(unetr.encoder.state_dict())
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_killed_worker_restarts_from_checkpoint_and_rerun_resumes(ray_session, tmp_path, shards):
+    cfg = _config(tmp_path, shards, "run.name=fault", "train.max_steps=10", "run.checkpoint_every=4",
+                  "run.fail_at_step=6", "dist.max_failures=1", "run.image_every=0")
+    result = _pretrain(cfg)
+    assert result.error is None and result.metrics["step"] == 10
+    assert (Path(cfg.run.output_dir) / "fault" / ".fail_injected").read_text() == "6"
+    steps = [m["step"] for m in _metrics(cfg)]
+    # Steps 1-6 ran, the worker died before step 7; the restarted group resumed from the step-4 checkpoint.
+    assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8, 9, 10]
+    # Re-running the same name with a longer schedule continues from step 10, not from zero.
+    longer = _config(tmp_path, shards, "run.name=fault", "train.max_steps=13", "run.checkpoint_every=4",
+                     "run.image_every=0")
+    result = _pretrain(longer)
+    assert result.error is None and result.metrics["step"] == 13
+    assert [m["step"] for m in _metrics(longer)][len(steps):] == [11, 12, 13]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_runs_the_pretrain_launcher(tmp_path, shards):
+    bin_dir = Path(sys.executable).parent
+    dash = _free_port()
+    temp = f"/tmp/rjp_{os.getpid()}"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    work = tmp_path / "work"
+    for part in ("medmae", "launch", "configs"):
+        shutil.copytree(REPO / part, work / part, ignore=shutil.ignore_patterns("__pycache__"))
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(_free_port()),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats", "--temp-dir", temp,
+         "--object-store-memory", str(200 * 1024**2)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", dash)) == 0:
+                    break
+            assert head.poll() is None, "ray start exited"
+            time.sleep(0.5)
+        submit = [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
+                  str(work), "--", "python", "launch/pretrain.py", "--config", "configs/pretrain_debug.yaml",
+                  f"data.path={shards}", f"run.output_dir={tmp_path / 'runs'}", f"dist.storage_path={tmp_path / 'ray'}",
+                  "train.max_steps=4", "run.checkpoint_every=4", "data.num_workers=0", "run.name=job"]
+        proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        assert "succeeded" in proc.stdout.lower(), proc.stdout[-4000:]
+        assert (tmp_path / "runs" / "job" / "encoder.safetensors").is_file()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp, ignore_errors=True)
