@@ -1,0 +1,88 @@
+"""``DataConfig``: what the training and validation loaders read, and how they crop and augment it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["DataConfig"]
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Converted dataset (tools/to_wds.py OUTPUT): a folder or fsspec URL holding manifest.json."""
+    format: Literal["wds", "zarr"] = "wds"
+    """Storage read: WebDataset tar shards (streamed) or a Zarr group (random-access crops)."""
+    spatial_dims: int = 3
+    """3 for volumes, 2 for x-rays; must match the dataset."""
+    roi_size: tuple[int, ...] = (96, 96, 96)
+    """Crop size in voxels, one entry per spatial dim; volumes smaller than it are zero-padded."""
+    crops_per_volume: int = 4
+    """Crops cut from each decoded (wds) or opened (zarr) volume before moving to the next."""
+    crop: Literal["random", "pos_neg", "resized"] = "random"
+    """random = uniform (pretraining), pos_neg = label-balanced (fine-tuning), resized = random resized crop (2D)."""
+    pos_fraction: float = 0.5
+    """pos_neg: probability that a crop is centred on a foreground voxel."""
+    resized_min_scale: float = 0.2
+    """resized: smallest crop area as a fraction of the image area."""
+    shuffle_buffer: int = 16
+    """Encoded volumes held per worker for shuffling before decode; memory ~ this x stored volume size."""
+    crop_shuffle_buffer: int = 32
+    """Crops held per worker so that a batch mixes volumes."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead."""
+    samples_per_epoch: int = 1024
+    """Crops per epoch over all ranks; one epoch is samples_per_epoch // (batch_size x world_size) batches per rank."""
+    train_fraction: float = 1.0
+    """Fraction of training volumes used (label-efficiency runs); 1.0 = all."""
+    train_count: int | None = None
+    """Exact number of training volumes used; overrides train_fraction."""
+    subset_seed: int = 0
+    """Seed choosing the training subset, independent of the training seed."""
+    flip_prob: float = 0.1
+    """Probability of a flip along each spatial axis."""
+    rot90_prob: float = 0.1
+    """Probability of a random 90-degree rotation in the plane of the first two spatial axes (square ROI only)."""
+    intensity_shift: float = 0.1
+    """Random intensity offset in [-x, x] (applied with intensity_prob); 0 disables."""
+    intensity_scale: float = 0.1
+    """Random intensity factor 1 + [-x, x] (applied with intensity_prob); 0 disables."""
+    intensity_prob: float = 0.5
+    """Probability of each intensity augmentation."""
+    storage_options: dict = field(default_factory=dict)
+    """fsspec options for URL paths (credentials, endpoint), passed as is."""
+
+    def __post_init__(self) -> None:
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims: must be 2 or 3, got {self.spatial_dims}")
+        if len(self.roi_size) != self.spatial_dims or min(self.roi_size) < 1:
+            raise ValueError(f"roi_size: expected {self.spatial_dims} positive sizes, got {self.roi_size}")
+        if self.crop == "resized" and self.spatial_dims != 2:
+            raise ValueError("crop: 'resized' is for 2D images (spatial_dims=2)")
+        for name in (
+            "crops_per_volume",
+            "shuffle_buffer",
+            "crop_shuffle_buffer",
+            "prefetch_factor",
+            "samples_per_epoch",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
+        for name in ("pos_fraction", "flip_prob", "rot90_prob", "intensity_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 < self.resized_min_scale <= 1.0:
+            raise ValueError(f"resized_min_scale: must be in (0, 1], got {self.resized_min_scale}")
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ValueError(f"train_fraction: must be in (0, 1], got {self.train_fraction}")
+        if self.train_count is not None and self.train_count < 1:
+            raise ValueError(f"train_count: must be >= 1 or null, got {self.train_count}")
+        if self.intensity_shift < 0:
+            raise ValueError(f"intensity_shift: must be >= 0, got {self.intensity_shift}")
+        if not 0 <= self.intensity_scale < 1:
+            raise ValueError(f"intensity_scale: must be in [0, 1), got {self.intensity_scale}")

@@ -1,0 +1,261 @@
+"""Read one sample through MONAI's nibabel/ITK readers, check it, and preprocess it for storage.
+
+Every problem a user's data can have raises ``SampleError`` with a reason code; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from nibabel.orientations import (
+    aff2axcodes,
+    apply_orientation,
+    axcodes2ornt,
+    inv_ornt_aff,
+    io_orientation,
+    ornt_transform,
+)
+
+from medmae.data.convert.options import ConvertOptions, SampleError
+from medmae.data.convert.sources import SampleSpec
+
+__all__ = ["Prepared", "prepare", "read_image", "checksum"]
+
+_NIFTI = (".nii", ".nii.gz")
+
+
+@dataclass
+class Prepared:
+    key: str
+    image: np.ndarray
+    """(C, *S) in the storage dtype."""
+    label: np.ndarray | None
+    """(*S) uint8/uint16 segmentation, or (K,) float32 classification target."""
+    meta: dict
+    """Everything written next to the arrays (sample .json / Zarr attributes)."""
+
+
+def checksum(image: np.ndarray, label: np.ndarray | None) -> str:
+    """sha256 of the array values in Fortran (first-axis-fastest) order, whatever the memory layout.
+
+    NIfTI and ITK volumes arrive Fortran-ordered and are stored that way (``.npy`` records the order), so hashing
+    them costs no copy; Zarr reads come back C-ordered and pay a copy, at ``--verify`` time only.
+    """
+    h = hashlib.sha256()
+    for a in (image, label):
+        if a is not None:
+            h.update(np.ravel(a, order="F").view(np.uint8).data)
+    return h.hexdigest()
+
+
+def read_image(path: str, spatial_dims: int) -> tuple[np.ndarray, np.ndarray]:
+    """Array with channels first ``(C, *S)`` and its RAS affine; NIfTI via nibabel, anything else via ITK."""
+    from monai.data import ITKReader, NibabelReader
+
+    if not Path(path).exists():
+        raise SampleError("unreadable", f"{path}: file not found")
+    reader = NibabelReader() if path.lower().endswith(_NIFTI) else ITKReader()
+    try:
+        array, meta = reader.get_data(reader.read(path))
+        array = np.asarray(array)
+    except Exception as e:  # any reader failure is a property of the file: nibabel, ITK and zlib raise many kinds
+        detail = (str(e).strip().splitlines() or [""])[-1][:300]
+        raise SampleError("unreadable", f"{path}: {type(e).__name__}: {detail}") from None
+    affine = np.asarray(meta["affine"], dtype=np.float64)
+    n_spatial = len(meta["spatial_shape"])
+    channel_last = array.ndim == n_spatial + 1
+    if spatial_dims == 2 and n_spatial == 3 and array.shape[2] == 1:  # a 2D image stored as one slice
+        array, affine, n_spatial = array[:, :, 0], affine[[0, 1, 3]][:, [0, 1, 3]], 2
+    if n_spatial != spatial_dims or array.ndim not in (spatial_dims, spatial_dims + 1):
+        raise SampleError("wrong_ndim", f"{path}: expected a {spatial_dims}D image, got shape {array.shape}")
+    array = np.moveaxis(array, -1, 0) if channel_last else array[None]
+    return array, affine
+
+
+def _check_finite_nonempty(image: np.ndarray, where: str) -> None:
+    if image.size == 0 or min(image.shape) == 0:
+        raise SampleError("empty", f"{where}: empty volume, shape {image.shape}")
+    if image.dtype.kind in "fc" and not np.isfinite(image).all():  # integers are always finite
+        raise SampleError("non_finite", f"{where}: {int(np.size(image) - np.isfinite(image).sum())} NaN/inf voxels")
+    if image.min() == image.max():
+        raise SampleError("empty", f"{where}: every voxel equals {image.flat[0]} (no content)")
+
+
+def _geometry_close(a: np.ndarray, b: np.ndarray) -> bool:
+    tol = 1e-3 * max(1.0, float(np.abs(a[:-1, :-1]).max()))
+    return a.shape == b.shape and bool(np.allclose(a, b, atol=max(tol, 1e-3)))
+
+
+def _read_label(spec: SampleSpec, image_shape: tuple, image_affine: np.ndarray, spatial_dims: int) -> np.ndarray:
+    label, affine = read_image(spec.label, spatial_dims)
+    if label.shape[0] != 1:
+        raise SampleError("label_mismatch", f"{spec.label}: label has {label.shape[0]} channels, expected 1")
+    label = label[0]
+    if label.shape != tuple(image_shape):
+        raise SampleError(
+            "label_mismatch", f"{spec.label}: label shape {label.shape} != image shape {tuple(image_shape)}"
+        )
+    if not _geometry_close(affine, image_affine):
+        raise SampleError(
+            "label_mismatch",
+            f"{spec.label}: label affine differs from the image's "
+            f"(label {np.round(affine, 3).tolist()}, image {np.round(image_affine, 3).tolist()})",
+        )
+    if label.dtype.kind == "f" and (not np.isfinite(label).all() or not np.array_equal(label, np.round(label))):
+        raise SampleError("label_not_integer", f"{spec.label}: label holds non-integer values")
+    if label.min() < 0 or label.max() > 65535:
+        raise SampleError(
+            "label_not_integer", f"{spec.label}: label values must be in 0..65535, got {label.min()}..{label.max()}"
+        )
+    return label
+
+
+def _reorient(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(C, *S)`` array to RAS axis order with flips and transposes (views, no copy), and its new affine.
+
+    The same nibabel orientation arithmetic MONAI's ``Orientation`` uses, without a float copy of the volume.
+    """
+    ornt = ornt_transform(io_orientation(affine), axcodes2ornt("RAS"))
+    if (ornt == [[0, 1], [1, 1], [2, 1]]).all():
+        return array, affine
+    moved = apply_orientation(np.moveaxis(array, 0, -1), ornt)
+    return np.moveaxis(moved, -1, 0), affine @ inv_ornt_aff(ornt, array.shape[1:])
+
+
+def _resample(image: np.ndarray, label: np.ndarray | None, affine: np.ndarray, spacing: tuple[float, ...]):
+    """Resampling to ``spacing`` with MONAI (image linear, label nearest); returns arrays and the new affine."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Spacing
+
+    def run(arr: np.ndarray, mode: str) -> MetaTensor:
+        t = MetaTensor(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)), affine=torch.from_numpy(affine))
+        return Spacing(pixdim=spacing, mode=mode, dtype=torch.float32)(t)
+
+    img_t = run(image, "bilinear")
+    new_affine = img_t.affine.numpy().astype(np.float64)
+    lab = None
+    if label is not None:
+        lab = np.rint(run(label[None], "nearest").numpy()[0])
+        assert lab.shape == img_t.shape[1:], "image and label resampled to different grids"
+    return img_t.numpy(), lab, new_affine
+
+
+def _intensity(image: np.ndarray, opts: ConvertOptions) -> np.ndarray:
+    if opts.preset == "ct":  # in place: the float32 image is already this function's own copy
+        lo, hi = opts.ct_window
+        np.clip(image, lo, hi, out=image)
+        image -= lo
+        image *= 1.0 / (hi - lo)
+        return image
+    if opts.preset == "mri":
+        out = image.copy()
+        for c in range(image.shape[0]):
+            nz = image[c] != 0
+            if nz.any():
+                mean, std = image[c][nz].mean(), image[c][nz].std()
+                out[c][nz] = (image[c][nz] - mean) / (std if std > 0 else 1.0)
+        return out
+    if opts.preset == "xray":
+        lo, hi = image.min(), image.max()
+        return (image - lo) / (hi - lo)
+    return image
+
+
+def _to_storage_dtype(image: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "float16":  # torch converts with F16C, twice numpy's speed; both keep the memory order
+        import torch
+
+        return torch.from_numpy(image).to(torch.float16).numpy()
+    return image.astype(dtype, order="K", copy=False)
+
+
+def _foreground_box(image: np.ndarray, margin: int) -> tuple[slice, ...]:
+    fg = (image > image.min(axis=tuple(range(1, image.ndim)), keepdims=True)).any(axis=0)
+    box = []
+    for d in range(fg.ndim):
+        nz = np.flatnonzero(fg.any(axis=tuple(i for i in range(fg.ndim) if i != d)))
+        box.append(slice(max(0, nz[0] - margin), min(fg.shape[d], nz[-1] + 1 + margin)))
+    return tuple(box)
+
+
+def _fg_points(label: np.ndarray, n: int, key: str, seed: int) -> list[list[int]]:
+    fortran = label.flags.f_contiguous and not label.flags.c_contiguous
+    src = label.T if fortran else label  # a C-ordered view: flatnonzero then needs no copy
+    idx = np.flatnonzero(src)
+    if idx.size == 0 or n == 0:
+        return []
+    rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+    pick = idx[np.sort(rng.choice(idx.size, size=min(n, idx.size), replace=False))]
+    coords = np.unravel_index(pick, src.shape)
+    return np.stack(coords[::-1] if fortran else coords, axis=1).tolist()
+
+
+def prepare(spec: SampleSpec, opts: ConvertOptions, spatial_dims: int, channels: int) -> Prepared:
+    """Read, check and preprocess ``spec``; raise ``SampleError`` for bad input."""
+    if spec.error is not None:
+        raise SampleError(*spec.error)
+    parts = [read_image(p, spatial_dims) for p in spec.images]
+    affine = parts[0][1]
+    for p, (arr, aff) in zip(spec.images[1:], parts[1:]):
+        if arr.shape[1:] != parts[0][0].shape[1:] or not _geometry_close(aff, affine):
+            raise SampleError("channel_mismatch", f"{p}: channel geometry differs from {spec.images[0]}")
+    image = np.concatenate([a for a, _ in parts]) if len(parts) > 1 else parts[0][0]  # source dtype until checked
+    if image.shape[0] != channels:
+        raise SampleError("wrong_channels", f"{spec.images[0]}: {image.shape[0]} channel(s), expected {channels}")
+    _check_finite_nonempty(image, spec.images[0])
+    original_shape, original_affine = list(image.shape[1:]), affine
+    label = _read_label(spec, image.shape[1:], affine, spatial_dims) if spec.label else None
+    if spatial_dims == 3 and opts.reorient:
+        image, new_affine = _reorient(image, affine)
+        label = _reorient(label[None], affine)[0][0] if label is not None else None
+        affine = new_affine
+    # Memory order is kept as read (Fortran for NIfTI/ITK): a transposing copy would cost more than the decode.
+    image = image.astype(np.float32, order="K")
+    if spatial_dims == 3 and opts.spacing is not None:
+        image, label, affine = _resample(image, label, affine, opts.spacing)
+    image = _intensity(image, opts)
+    if opts.crop_foreground:
+        box = _foreground_box(image, opts.fg_margin)
+        image = image[(slice(None), *box)]
+        label = label[box] if label is not None else None
+        affine = affine.copy()
+        affine[:-1, -1] += affine[:-1, :-1] @ np.array([s.start for s in box], dtype=np.float64)
+    peak = max(float(image.max()), -float(image.min())) if opts.preset in ("none", "mri") else 1.0
+    if opts.image_dtype == "float16" and peak > 65000:
+        raise SampleError(
+            "float16_overflow",
+            f"{spec.images[0]}: values up to {peak:.0f} overflow float16; "
+            "use an intensity preset or --image-dtype float32",
+        )
+    image = _to_storage_dtype(image, opts.image_dtype)
+    fg: list = []
+    if label is not None:
+        label = label.astype(np.uint8 if label.max() < 256 else np.uint16, order="K", copy=False)
+        fg = _fg_points(label, opts.fg_points, spec.key, opts.seed)
+    elif spec.target is not None:
+        label = np.asarray(spec.target, dtype=np.float32)
+    spacing = np.sqrt((affine[:-1, :-1] ** 2).sum(axis=0))
+    meta = {
+        "key": spec.key,
+        "split": spec.split,
+        "shape": list(image.shape),
+        "dtype": str(image.dtype),
+        "label_shape": list(label.shape) if label is not None else None,
+        "label_dtype": str(label.dtype) if label is not None else None,
+        "label_max": int(label.max()) if label is not None and label.ndim > 1 else None,
+        "spacing": [round(float(s), 6) for s in spacing],
+        "affine": np.round(affine, 6).tolist(),
+        "orientation": "".join(aff2axcodes(affine)) if spatial_dims == 3 else None,
+        "original_shape": original_shape,
+        "original_spacing": [round(float(s), 6) for s in np.sqrt((original_affine[:-1, :-1] ** 2).sum(axis=0))],
+        "original_affine": np.round(original_affine, 6).tolist(),
+        "source": {"image": spec.images, "label": spec.label},
+        "checksum": checksum(image, label),
+        "fg_points": fg,
+    }
+    return Prepared(spec.key, image, label, meta)

@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""Convert medical images to WebDataset tar shards or a Zarr v3 group for medmae's streaming loaders.
+
+INPUT is a folder (imagesTr/ + labelsTr/, <key>_seg label files, DICOM series subfolders, or a dataset.json),
+an MSD-style datalist JSON, or a CSV of 2D images with labels. Bad samples are listed in OUTPUT/errors.jsonl and
+skipped; the exit status is 1 when there were any, unless --allow-errors. Re-running resumes.
+
+Example:
+    python tools/to_wds.py data/Task09_Spleen/dataset.json shards/spleen --format wds --preset ct --spacing 1.5 1.5 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+
+from medmae.data.convert import ConvertOptions, convert  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = ConvertOptions()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="folder, datalist .json, or .csv of 2D images")
+    p.add_argument("output", help="output folder (created; a re-run resumes)")
+    p.add_argument("--format", choices=["wds", "zarr"], default=d.format)
+    g = p.add_argument_group("preprocessing (recorded in the manifest)")
+    g.add_argument("--spatial-dims", type=int, choices=[2, 3], help="default: 2 for a CSV input, else 3")
+    g.add_argument(
+        "--preset",
+        choices=["ct", "mri", "xray", "none"],
+        default=d.preset,
+        help="ct: clip to --ct-window, scale to [0,1]; mri: per-channel z-score on non-zero voxels; "
+        "xray: scale to [0,1]",
+    )
+    g.add_argument("--ct-window", type=float, nargs=2, default=d.ct_window, metavar=("LOW", "HIGH"))
+    g.add_argument("--spacing", type=float, nargs="+", help="target spacing in mm (image linear, label nearest)")
+    g.add_argument("--no-reorient", action="store_true", help="keep the source orientation instead of RAS")
+    g.add_argument("--crop-foreground", action="store_true", help="crop to the foreground box")
+    g.add_argument("--fg-margin", type=int, default=d.fg_margin)
+    g.add_argument("--image-dtype", choices=["float16", "float32"], default=d.image_dtype)
+    g.add_argument("--channels", type=int, help="expected channels (default: from the first sample)")
+    g = p.add_argument_group("inputs")
+    g.add_argument("--images-dir", help="folder input: images subfolder (default imagesTr if present)")
+    g.add_argument("--labels-dir", help="folder input: labels subfolder (default labelsTr if present)")
+    g.add_argument("--label-suffix", default=d.label_suffix, help="folder input: <key><suffix>.<ext> is a label")
+    g.add_argument("--channel-suffixes", default="", help="folder input: e.g. t1,t1ce,t2,flair for <key>_t1.nii.gz...")
+    g.add_argument("--image-col", default=d.image_col, help="CSV: image path column")
+    g.add_argument("--label-cols", default="", help="CSV: comma-separated 0/1 label columns")
+    g.add_argument("--label-col", help="CSV: one column of label names joined by --label-sep")
+    g.add_argument("--label-sep", default=d.label_sep)
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "--val-fraction",
+        type=float,
+        default=d.val_fraction,
+        help="validation share when the input names no validation set",
+    )
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--shard-size-mb", type=float, default=d.shard_size_mb)
+    g.add_argument("--prefix", default=d.prefix, help="shard name prefix")
+    g.add_argument("--zarr-chunk", type=int, default=d.zarr_chunk)
+    g.add_argument("--zarr-shard", type=int, default=d.zarr_shard, help="0 = no Zarr sharding")
+    g.add_argument("--workers", type=int, default=d.workers)
+    g.add_argument("--verify", action="store_true", help="read everything back and check checksums")
+    g.add_argument("--allow-errors", action="store_true", help="exit 0 even when samples were skipped")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def options_from_args(a: argparse.Namespace) -> ConvertOptions:
+    def csv_list(s: str) -> list[str]:
+        return [x.strip() for x in s.split(",") if x.strip()]
+
+    return ConvertOptions(
+        format=a.format,
+        spatial_dims=a.spatial_dims,
+        preset=a.preset,
+        ct_window=tuple(a.ct_window),
+        spacing=tuple(a.spacing) if a.spacing else None,
+        reorient=not a.no_reorient,
+        crop_foreground=a.crop_foreground,
+        fg_margin=a.fg_margin,
+        image_dtype=a.image_dtype,
+        channels=a.channels,
+        val_fraction=a.val_fraction,
+        seed=a.seed,
+        shard_size_mb=a.shard_size_mb,
+        zarr_chunk=a.zarr_chunk,
+        zarr_shard=a.zarr_shard,
+        workers=a.workers,
+        prefix=a.prefix,
+        images_dir=a.images_dir,
+        labels_dir=a.labels_dir,
+        label_suffix=a.label_suffix,
+        channel_suffixes=csv_list(a.channel_suffixes),
+        image_col=a.image_col,
+        label_cols=csv_list(a.label_cols),
+        label_col=a.label_col,
+        label_sep=a.label_sep,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        opts = options_from_args(a)
+        result = convert(a.input, a.output, opts, run_verify=a.verify, progress=not a.quiet)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{result.output}: {result.converted} converted ({result.megabytes:.1f} MB), "
+        f"{result.skipped} already done, {len(result.errors)} error(s)"
+    )
+    for e in result.errors:
+        print(f"  {e['reason']}: {e['key']}: {e['message']}")
+    if a.verify:
+        print(f"verify: {'ok' if not result.problems else f'{len(result.problems)} problem(s)'}")
+        for p in result.problems:
+            print(f"  {p}")
+    if result.problems or (result.errors and not a.allow_errors):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
