@@ -27,7 +27,8 @@ def main() -> None:
     if cfg.task != "pretrain":
         raise SystemExit(f"config error: task: launch/pretrain.py runs task 'pretrain', the config says {cfg.task!r}")
     setup_logging(rank=0)
-    result = run_ray(train_worker, {"config": to_dict(cfg)}, cfg.dist, run_name=cfg.run.name)
+    result = run_ray(train_worker, {"config": to_dict(cfg)}, cfg.dist, run_name=cfg.run.name,
+                     keep_checkpoints=cfg.run.keep_last)
     print(f"done: {result.metrics}\nrun directory: {run_dir_of(cfg)}\ncheckpoint: {result.checkpoint}")
 
 

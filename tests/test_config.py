@@ -64,6 +64,7 @@ def test_derived_batch_and_lr():
     with pytest.raises(ValueError, match="global_batch"):
         derive(cfg, world_size=3)
     assert derive(load_config(JobConfig, None, ["optim.lr=0.01"]), 2).lr == 0.01
+    assert derive(load_config(JobConfig, None, ["optim.lr=1e-4"]), 2).lr == 1e-4  # YAML 1.1 reads this as a string
 
 
 def test_parse_overrides_nests_and_parses_yaml_values():

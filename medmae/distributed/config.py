@@ -1,0 +1,70 @@
+"""Typed configuration of the distributed layer: workers, failures, storage, ZeRO stage, precision, backend.
+
+Plain dataclass with no Ray or DeepSpeed import, so ``medmae.config`` can build and validate it anywhere. What the
+fields resolve to on a concrete device (``auto`` precision, backend, GPU use) is decided in ``deepspeed_config``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["DistributedConfig"]
+
+_USE_GPU = ("auto", "yes", "no")
+_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass
+class DistributedConfig:
+    """How many workers run, where checkpoints go, and how DeepSpeed shards and casts the model."""
+
+    num_workers: int = 2
+    """Number of training workers (processes); the maximum when ``min_workers`` is set."""
+    min_workers: int | None = None
+    """When set, the run is elastic: Ray Train runs with any count in ``[min_workers, num_workers]``."""
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    """One GPU per worker: ``auto`` uses GPUs when the Ray cluster has any, ``yes`` requires them."""
+    cpus_per_worker: float = 1.0
+    """CPUs Ray reserves for each worker."""
+    max_failures: int = 0
+    """Worker-group failures Ray Train recovers from (restart from the latest checkpoint); -1 is unlimited."""
+    storage_path: str = "runs"
+    """Where Ray Train persists checkpoints and results: a local folder or a URL such as ``s3://bucket/runs``."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer), 2 (+gradients), 3 (+parameters)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Compute precision: ``auto`` is bf16 where the device supports it, else fp32; fp16 needs a GPU."""
+    offload_optimizer: bool = False
+    """Keep the optimizer state and step on the CPU (ZeRO-Offload; needs ``zero_stage`` >= 1)."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Collective backend: ``auto`` is nccl on CUDA and gloo on CPU."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers: must be >= 1, got {self.num_workers}")
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            raise ValueError(f"min_workers: must be between 1 and num_workers={self.num_workers}, "
+                             f"got {self.min_workers}")
+        if self.use_gpu not in _USE_GPU:
+            raise ValueError(f"use_gpu: {self.use_gpu!r} is not one of {list(_USE_GPU)}")
+        if not self.cpus_per_worker > 0:
+            raise ValueError(f"cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures: must be >= -1 (-1 = unlimited), got {self.max_failures}")
+        if not self.storage_path:
+            raise ValueError("storage_path: must not be empty")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f"precision: {self.precision!r} is not one of {list(_PRECISIONS)}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer: needs zero_stage >= 1 (ZeRO-Offload partitions the optimizer state)")
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"backend: {self.backend!r} is not one of {list(_BACKENDS)}")
+
+    @property
+    def elastic(self) -> bool:
+        """True when the worker count may vary between ``min_workers`` and ``num_workers``."""
+        return self.min_workers is not None and self.min_workers < self.num_workers

@@ -1,0 +1,122 @@
+"""The DeepSpeed JSON, generated from ``DistributedConfig`` plus the batch arithmetic; never written by hand.
+
+Batch size, accumulation, ZeRO stage and precision are decided here, in one place, and validated together. This
+module imports torch only (device probing), not DeepSpeed, so the arithmetic is testable without starting anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from medmae.distributed.config import DistributedConfig
+
+__all__ = [
+    "adamw_kwargs",
+    "build_deepspeed_config",
+    "grad_accum_for",
+    "resolve_backend",
+    "resolve_device",
+    "resolve_precision",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device() -> torch.device:
+    """CUDA device of this process's local rank when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _bf16_supported(device_type: str) -> bool:
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        # Emulated bf16 on a CPU without native instructions is slower than fp32, so auto picks it only with them.
+        probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+        return bool(probe and probe())
+    return False
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """``auto`` -> ``bf16`` where the device computes it natively, else ``fp32``; fp16 only on CUDA."""
+    if precision == "auto":
+        return "bf16" if _bf16_supported(device_type) else "fp32"
+    if precision == "fp16" and device_type != "cuda":
+        raise ValueError(f"precision: fp16 needs a CUDA device (DeepSpeed refuses fp16 on {device_type}); "
+                         "use bf16 or fp32")
+    return precision
+
+
+def resolve_backend(backend: str, device_type: str) -> str:
+    """``auto`` -> nccl on CUDA, gloo elsewhere; nccl on a CPU device is refused."""
+    if backend == "auto":
+        return "nccl" if device_type == "cuda" else "gloo"
+    if backend == "nccl" and device_type != "cuda":
+        raise ValueError(f"backend: nccl needs CUDA devices, this worker runs on {device_type}; use gloo or auto")
+    return backend
+
+
+def grad_accum_for(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """Accumulation steps that keep ``global_batch == micro_batch * grad_accum * world_size``."""
+    if global_batch < 1 or micro_batch < 1 or world_size < 1:
+        raise ValueError(f"global batch {global_batch}, micro batch {micro_batch} and world size {world_size} "
+                         "must all be >= 1")
+    per_step = micro_batch * world_size
+    if global_batch % per_step:
+        raise ValueError(f"global batch {global_batch} is not divisible by micro batch {micro_batch} x "
+                         f"{world_size} workers = {per_step}; choose a global batch that is a multiple of {per_step}")
+    return global_batch // per_step
+
+
+def adamw_kwargs(device_type: str) -> dict[str, Any]:
+    """Implementation switch for ``torch.optim.AdamW`` on this device.
+
+    The step is a large fixed cost. Measured for 104 M fp32 parameters on the 2-core AVX-512 CPU: for-loop 0.126 -
+    0.223 s, ``foreach`` 0.335 - 0.347 s, ``fused`` 0.038 - 0.068 s; on CUDA ``fused`` is PyTorch's fastest too.
+    """
+    if device_type in ("cpu", "cuda"):
+        return {"fused": True}
+    return {}
+
+
+def build_deepspeed_config(cfg: DistributedConfig, *, micro_batch: int, grad_accum: int, world_size: int,
+                           grad_clip: float, device_type: str) -> dict[str, Any]:
+    """DeepSpeed config dict for a client AdamW whose learning rate our own schedule sets every step."""
+    for name, value in (("micro_batch", micro_batch), ("grad_accum", grad_accum), ("world_size", world_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+    if grad_clip < 0:
+        raise ValueError(f"grad_clip: must be >= 0 (0 disables clipping), got {grad_clip}")
+    precision = resolve_precision(cfg.precision, device_type)
+    if cfg.offload_optimizer and device_type == "cpu":
+        logger.warning("offload_optimizer: the model already lives on the CPU, offloading only adds copies")
+
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
+    train_batch = micro_batch * grad_accum * world_size
+    ds: dict[str, Any] = {
+        "train_batch_size": train_batch,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": float(grad_clip),
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # The optimizer is our torch AdamW (no compiled op); ZeRO accepts it with this flag, Offload needs the second.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        # We log ourselves; DeepSpeed's own step prints would interleave with the progress line.
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    # The identity DeepSpeed re-checks at initialize; inputs were validated above, so this is an internal invariant.
+    assert train_batch == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size
+    return ds

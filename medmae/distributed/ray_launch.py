@@ -1,0 +1,201 @@
+"""Ray Train (v2) launch glue and the per-rank helpers a training function uses, inside Ray or not.
+
+Driver side: :func:`run_ray` starts or joins Ray and runs ``train_fn`` on N workers with a ``TorchTrainer``.
+Worker side: :func:`world_info`, :func:`checkpoint_dir`, :func:`report`, :func:`latest_checkpoint_dir` behave the
+same way under Ray, under ``torchrun``/``deepspeed``, and in one plain process, so the trainer has one code path:
+
+    ckpt = latest_checkpoint_dir(run_dir)           # Ray: the run's latest reported checkpoint; else newest step-*
+    if ckpt: state = engine.load(ckpt)
+    ...
+    with checkpoint_dir(run_dir, f"step-{step:08d}") as d:
+        engine.save(d, tag=f"step-{step:08d}", client_state=state)
+        report(metrics, d)                          # Ray: uploads every rank's files into one checkpoint
+
+Resuming: Ray Train v2 keeps a checkpoint-manager snapshot in ``<storage_path>/<run_name>/``; re-running with the
+same name and storage path restores it, and ``ray.train.get_checkpoint()`` then returns the last reported checkpoint.
+Worker-group failures restart from the same place (``FailureConfig(max_failures)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medmae.distributed.config import DistributedConfig
+from medmae.distributed.deepspeed_config import resolve_backend
+
+__all__ = ["checkpoint_dir", "ensure_ray", "in_ray_worker", "latest_checkpoint_dir", "report", "run_ray",
+           "world_info"]
+
+logger = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+COMPLETE_MARKER = "medmae_dist.json"  # written by Engine.save on rank 0 after every rank's shard is on disk
+
+
+def in_ray_worker() -> bool:
+    """True inside a function launched by Ray Train's ``trainer.fit()``."""
+    try:
+        from ray.train.v2._internal.util import _in_ray_train_worker
+    except ImportError:  # Ray not installed: certainly not a Ray worker
+        return False
+    return _in_ray_train_worker()
+
+
+def world_info() -> tuple[int, int, int]:
+    """``(rank, local_rank, world_size)`` of this process: Ray context, launcher variables, or ``(0, 0, 1)``."""
+    if in_ray_worker():
+        import ray.train
+
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_local_rank(), ctx.get_world_size()
+    if torch.distributed.is_initialized():
+        return (torch.distributed.get_rank(), int(os.environ.get("LOCAL_RANK", "0")),
+                torch.distributed.get_world_size())
+    rank = int(os.environ.get("RANK", "0"))
+    return rank, int(os.environ.get("LOCAL_RANK", str(rank))), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def checkpoint_dir(run_dir: str | os.PathLike, name: str) -> Iterator[Path]:
+    """Folder every rank writes checkpoint ``name`` into.
+
+    Under Ray a per-rank temporary folder (``report`` uploads it into the run's storage, then it is removed);
+    otherwise ``run_dir/name`` itself, shared by the ranks of a ``torchrun`` job on one file system.
+    """
+    if in_ray_worker():
+        tmp = Path(tempfile.mkdtemp(prefix=f"medmae-{name}-"))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        path = Path(run_dir) / name
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+
+
+def report(metrics: dict[str, Any], checkpoint_dir: str | os.PathLike | None = None) -> None:
+    """Under Ray: ``ray.train.report`` (a barrier; every rank must call it), with this rank's checkpoint files.
+
+    Ray merges all ranks' folders into one checkpoint in ``<storage_path>/<run_name>/``. Outside Ray the files are
+    already in place, so this only logs the metrics at debug level.
+    """
+    if not in_ray_worker():
+        logger.debug("report %s checkpoint=%s", metrics, checkpoint_dir)
+        return
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+    ray.train.report(dict(metrics), checkpoint=checkpoint)
+
+
+def _step_of(path: Path) -> int:
+    match = _STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def latest_checkpoint_dir(run_dir: str | os.PathLike | None = None) -> Path | None:
+    """Checkpoint to resume from, as a local folder for ``Engine.load``; None to start from scratch.
+
+    Under Ray: ``ray.train.get_checkpoint()`` (after a worker failure, or on a re-run of the same run name),
+    downloaded once per node when the storage is remote. Otherwise the highest complete ``run_dir/step-*``.
+    """
+    if in_ray_worker():
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        import pyarrow.fs
+
+        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+            return Path(checkpoint.path)
+        return Path(checkpoint.to_directory())
+    if run_dir is None or not Path(run_dir).is_dir():
+        return None
+    done = [p for p in Path(run_dir).iterdir() if _step_of(p) >= 0 and _has_marker(p)]
+    return max(done, key=_step_of) if done else None
+
+
+def _has_marker(path: Path) -> bool:
+    return any((sub / COMPLETE_MARKER).is_file() for sub in path.iterdir() if sub.is_dir())
+
+
+def ensure_ray(**init_kwargs: Any) -> None:
+    """Join the running Ray: this process's, ``RAY_ADDRESS``'s, or a local ``ray start`` cluster; else start one.
+
+    ``RAY_ADDRESS=local`` skips the search and always starts a private Ray inside this process.
+
+    ``init_kwargs`` apply only when a new local Ray is started (e.g. ``num_cpus``, ``object_store_memory``).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address and address != "local":  # set by `ray job submit` for the driver, or by the user
+        ray.init(address=address)
+        return
+    if not address:
+        try:
+            ray.init(address="auto")
+            logger.info("joined the Ray cluster running on this machine (RAY_ADDRESS=local starts a private one)")
+            return
+        except ConnectionError:
+            pass
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(**{"include_dashboard": False, **init_kwargs})
+    logger.info("started a local Ray: %s", ray.cluster_resources())
+
+
+def _storage_path(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def run_ray(train_fn: Callable[[dict], None], train_fn_config: dict[str, Any], cfg: DistributedConfig, *,
+            run_name: str, keep_checkpoints: int | None = None, ray_init_kwargs: dict[str, Any] | None = None) -> Any:
+    """Run ``train_fn(train_fn_config)`` on ``cfg.num_workers`` Ray Train workers; returns the ``ray.train.Result``.
+
+    A run name that already exists under ``cfg.storage_path`` resumes from its last reported checkpoint. Raises
+    ``ray.train.TrainingFailedError`` when the workers fail more than ``cfg.max_failures`` times.
+    ``keep_checkpoints`` keeps only that many of the newest checkpoints in storage (None keeps all).
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ensure_ray(**(ray_init_kwargs or {}))
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    if cfg.use_gpu == "yes" and not has_gpus:
+        raise ValueError("use_gpu: 'yes' but the Ray cluster has no GPUs")
+    use_gpu = cfg.use_gpu == "yes" or (cfg.use_gpu == "auto" and has_gpus)
+    backend = resolve_backend(cfg.backend, "cuda" if use_gpu else "cpu")
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    workers = (cfg.min_workers, cfg.num_workers) if cfg.elastic else cfg.num_workers
+    env = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config=train_fn_config,
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=_storage_path(cfg.storage_path),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    logger.info("Ray Train run %r: %s workers, %s, gpu=%s, storage %s", run_name, workers, backend, use_gpu,
+                cfg.storage_path)
+    return trainer.fit()

@@ -1,0 +1,233 @@
+"""Ray Train + DeepSpeed for real: 2 gloo workers on CPU, ZeRO 1/2/3, resume by run name (same and different worker
+count), a worker that kills itself mid-run, and ``ray job submit`` against a head started here.
+
+One local Ray session serves the module; every run is a few optimizer steps of a tiny MLP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from medmae.distributed import DistributedConfig
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def toy_train(config: dict) -> None:
+    """Ray train function: regression with a 2-layer MLP, checkpoints every 2 steps, one JSON line per step."""
+    from torch import nn
+
+    from medmae.distributed import (
+        DistributedConfig,
+        checkpoint_dir,
+        create_engine,
+        grad_accum_for,
+        latest_checkpoint_dir,
+        report,
+        world_info,
+    )
+
+    rank, _, world = world_info()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    micro = 4
+    accum = grad_accum_for(8, micro, world)
+    engine = create_engine(model, None, DistributedConfig(zero_stage=config["zero_stage"], precision="fp32"),
+                           micro_batch=micro, grad_accum=accum, grad_clip=1.0, lr=3e-2)
+    start = 0
+    ckpt = latest_checkpoint_dir()
+    if ckpt is not None:
+        start = engine.load(ckpt)["step"]
+    w_true = torch.linspace(-1, 1, 8)
+    for step in range(start, config["steps"]):
+        losses = []
+        for a in range(accum):
+            gen = torch.Generator().manual_seed(step * 1000 + a * world + rank)
+            x = torch.randn(micro, 8, generator=gen)
+            loss = engine(x).squeeze(1).sub(x @ w_true).pow(2).mean()
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        fail_marker = config.get("fail_marker")
+        if fail_marker and step + 1 == config["fail_at"] and rank == world - 1 and not os.path.exists(fail_marker):
+            Path(fail_marker).touch()
+            time.sleep(1.0)  # let the controller register the step-4 checkpoint (it polls every 0.25 s here)
+            os._exit(1)  # a hard crash: no exception, no report, the process is gone
+        metrics = {"step": step + 1, "loss": sum(losses) / len(losses), "start": start, "world": world,
+                   "t": time.time()}
+        if rank == 0:
+            with open(config["log"], "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if (step + 1) % 2 == 0 or step + 1 == config["steps"]:
+            with checkpoint_dir(config["log"], f"step-{step + 1:08d}") as d:
+                engine.save(d, f"step-{step + 1:08d}", {"step": step + 1})
+                report(metrics, d)
+        else:
+            report(metrics)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    # The controller polls workers every 2 s by default and a report waits for it; tests poll faster.
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
+    temp = f"/tmp/rt_{os.getpid()}"
+    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False, _temp_dir=temp,
+             log_to_driver=False)
+    # Workers cannot import this test module (tests/ is not a package on their path): ship toy_train by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _run(tmp_path: Path, name: str, steps: int, *, workers: int = 2, stage: int = 2, max_failures: int = 0,
+         keep: int | None = None, **extra):
+    from medmae.distributed import run_ray
+
+    cfg = DistributedConfig(num_workers=workers, zero_stage=stage, max_failures=max_failures,
+                            storage_path=str(tmp_path / "storage"), precision="fp32")
+    log = tmp_path / f"{name}.jsonl"
+    result = run_ray(toy_train, {"zero_stage": stage, "steps": steps, "log": str(log), **extra}, cfg, run_name=name,
+                     keep_checkpoints=keep)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    return result, lines
+
+
+def _checkpoints(tmp_path: Path, name: str) -> list[Path]:
+    return sorted(p for p in (tmp_path / "storage" / name).iterdir() if p.is_dir() and p.name.startswith("check"))
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_two_workers_train_and_checkpoint(ray_session, tmp_path, stage):
+    result, log = _run(tmp_path, f"zero{stage}", steps=6, stage=stage, keep=2)
+    assert result.error is None
+    assert [m["step"] for m in log] == list(range(1, 7)) and all(m["world"] == 2 for m in log)
+    assert sum(m["loss"] for m in log[-2:]) < 0.6 * sum(m["loss"] for m in log[:2])
+    ckpts = _checkpoints(tmp_path, f"zero{stage}")
+    assert len(ckpts) == 2  # steps 4 and 6 kept, step 2 deleted by keep_checkpoints=2
+    files = {p.name for p in (ckpts[-1] / "step-00000006").iterdir()}
+    # Both ranks' shards were merged into the one reported checkpoint.
+    shard = "zero_pp_rank_{}_mp_rank_00_optim_states.pt" if stage < 3 else "zero_pp_rank_{}_mp_rank_00_model_states.pt"
+    assert {shard.format(0), shard.format(1), "medmae_dist.json"} <= files
+    assert result.checkpoint is not None and result.metrics["step"] == 6
+
+
+def test_rerun_with_same_name_resumes_also_on_fewer_workers(ray_session, tmp_path):
+    """ZeRO-2: 2 workers to step 4, same name again on 2 workers to step 6, then on 1 worker to step 8."""
+    _, first = _run(tmp_path, "resume", steps=4)
+    assert [m["step"] for m in first] == [1, 2, 3, 4]
+    _, second = _run(tmp_path, "resume", steps=6)
+    assert [(m["step"], m["start"], m["world"]) for m in second[4:]] == [(5, 4, 2), (6, 4, 2)]
+    result, third = _run(tmp_path, "resume", steps=8, workers=1)
+    assert result.error is None
+    assert [(m["step"], m["start"], m["world"]) for m in third[6:]] == [(7, 6, 1), (8, 6, 1)]
+    # Same global batch and continued optimizer state: the loss keeps its level instead of jumping back up.
+    assert third[-1]["loss"] < 0.6 * first[0]["loss"]
+
+
+def test_worker_crash_restarts_from_last_checkpoint(ray_session, tmp_path):
+    marker = tmp_path / "crashed-once"
+    result, log = _run(tmp_path, "fault", steps=6, max_failures=1, fail_marker=str(marker), fail_at=5)
+    assert marker.exists() and result.error is None
+    # Rank 1 died after step 5; the restarted group resumed from the last checkpoint Ray had registered (step 4,
+    # or step 2 if the controller had not polled since step 4's report) and ran to the end.
+    assert [m["step"] for m in log if m["start"] == 0][:4] == [1, 2, 3, 4]
+    resumed = [(m["step"], m["start"]) for m in log if m["start"] != 0]
+    assert resumed and resumed[0][1] in (2, 4)
+    assert resumed == [(s, resumed[0][1]) for s in range(resumed[0][1] + 1, 7)]
+    assert result.metrics["step"] == 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"ray start exited with {proc.returncode}"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(1)
+    raise TimeoutError(f"Ray dashboard did not open port {port} within {timeout} s")
+
+
+_JOB_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, os.getcwd())
+import ray, test_distributed_ray
+from test_distributed_ray import toy_train
+ray.cloudpickle.register_pickle_by_value(test_distributed_ray)
+from medmae.distributed import DistributedConfig, run_ray
+
+cfg = DistributedConfig(num_workers=1, zero_stage=1, precision="fp32", storage_path=sys.argv[1])
+result = run_ray(toy_train, {"zero_stage": 1, "steps": 2, "log": sys.argv[2]}, cfg, run_name="job")
+print("JOB-RESULT", json.dumps(result.metrics))
+"""
+
+
+def test_ray_job_submit_to_a_local_head(tmp_path):
+    ray_bin = Path(sys.executable).parent / "ray"
+    temp = f"/tmp/rj_{os.getpid()}"
+    # The job's `python` is looked up on the head's PATH: the environment that runs `ray start` must be ours.
+    # No drain on SIGTERM: a test head serves nobody, and draining waits 30 s.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+           "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    work = tmp_path / "job"
+    shutil.copytree(REPO / "medmae", work / "medmae", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(Path(__file__), work / "test_distributed_ray.py")
+    (work / "job.py").write_text(_JOB_SCRIPT)
+    # Every port explicit: another Ray on this machine holds the defaults (a clash leaves the head without a job
+    # agent: "No available agent to submit job").
+    port, dash, *agent_ports = (_free_port() for _ in range(7))
+    port_flags = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+                  "--metrics-export-port", "--ray-client-server-port"]
+    # --block keeps `ray start` in the foreground; SIGTERM to it (by its id) drains and stops exactly this head,
+    # where `ray stop` would stop every Ray on the machine.
+    start = [str(ray_bin), "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats",
+             "--temp-dir", temp, "--object-store-memory", str(200 * 1024**2)]
+    start += [x for flag, p in zip(port_flags, agent_ports) for x in (flag, str(p))]
+    head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        _wait_for_port(dash, head)
+        submit = [str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(work),
+                  "--", "python", "job.py", str(tmp_path / "storage"), str(tmp_path / "job.jsonl")]
+        for _ in range(30):  # the dashboard port opens a moment before the job agent has registered with it
+            proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+            if "No available agent" not in proc.stderr:
+                break
+            time.sleep(1)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        assert "JOB-RESULT" in proc.stdout and "succeeded" in proc.stdout.lower(), proc.stdout[-4000:]
+        assert (tmp_path / "job.jsonl").read_text().count("\n") == 2
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, signal.SIGKILL)  # anything of this head's session still left
+        shutil.rmtree(temp, ignore_errors=True)
