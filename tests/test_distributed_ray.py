@@ -1,18 +1,14 @@
 """Ray Train + DeepSpeed for real: 2 gloo workers on CPU, ZeRO 1/2/3, resume by run name (same and different worker
-count), a worker that kills itself mid-run, and ``ray job submit`` against a head started here.
+count), a worker that kills itself mid-run. (``ray job submit`` of the real launcher is in test_pretrain.py.)
 
 One local Ray session serves the module; every run is a few optimizer steps of a tiny MLP.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -152,82 +148,3 @@ def test_worker_crash_restarts_from_last_checkpoint(ray_session, tmp_path):
     assert resumed and resumed[0][1] in (2, 4)
     assert resumed == [(s, resumed[0][1]) for s in range(resumed[0][1] + 1, 7)]
     assert result.metrics["step"] == 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, f"ray start exited with {proc.returncode}"
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(1)
-    raise TimeoutError(f"Ray dashboard did not open port {port} within {timeout} s")
-
-
-_JOB_SCRIPT = """
-import json, os, sys
-sys.path.insert(0, os.getcwd())
-import ray, test_distributed_ray
-from test_distributed_ray import toy_train
-ray.cloudpickle.register_pickle_by_value(test_distributed_ray)
-from medmae.distributed import DistributedConfig, run_ray
-
-cfg = DistributedConfig(num_workers=1, zero_stage=1, precision="fp32", storage_path=sys.argv[1])
-result = run_ray(toy_train, {"zero_stage": 1, "steps": 2, "log": sys.argv[2]}, cfg, run_name="job")
-print("JOB-RESULT", json.dumps(result.metrics))
-"""
-
-
-def test_ray_job_submit_to_a_local_head(tmp_path):
-    ray_bin = Path(sys.executable).parent / "ray"
-    temp = f"/tmp/rj_{os.getpid()}"
-    # The job's `python` is looked up on the head's PATH: the environment that runs `ray start` must be ours.
-    # No drain on SIGTERM: a test head serves nobody, and draining waits 30 s.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-           "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    work = tmp_path / "job"
-    shutil.copytree(REPO / "medmae", work / "medmae", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(Path(__file__), work / "test_distributed_ray.py")
-    (work / "job.py").write_text(_JOB_SCRIPT)
-    # Every port explicit: another Ray on this machine holds the defaults (a clash leaves the head without a job
-    # agent: "No available agent to submit job").
-    port, dash, *agent_ports = (_free_port() for _ in range(7))
-    port_flags = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-                  "--metrics-export-port", "--ray-client-server-port"]
-    # --block keeps `ray start` in the foreground; SIGTERM to it (by its id) drains and stops exactly this head,
-    # where `ray stop` would stop every Ray on the machine.
-    start = [str(ray_bin), "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats",
-             "--temp-dir", temp, "--object-store-memory", str(200 * 1024**2)]
-    start += [x for flag, p in zip(port_flags, agent_ports) for x in (flag, str(p))]
-    head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        _wait_for_port(dash, head)
-        submit = [str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(work),
-                  "--", "python", "job.py", str(tmp_path / "storage"), str(tmp_path / "job.jsonl")]
-        for _ in range(30):  # the dashboard port opens a moment before the job agent has registered with it
-            proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
-            if "No available agent" not in proc.stderr:
-                break
-            time.sleep(1)
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        assert "JOB-RESULT" in proc.stdout and "succeeded" in proc.stdout.lower(), proc.stdout[-4000:]
-        assert (tmp_path / "job.jsonl").read_text().count("\n") == 2
-    finally:
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(head.pid, signal.SIGKILL)  # anything of this head's session still left
-        shutil.rmtree(temp, ignore_errors=True)

@@ -132,20 +132,28 @@ def _free_port() -> int:
 
 
 def test_ray_job_submit_runs_the_pretrain_launcher(tmp_path, shards):
+    """`ray job submit` of launch/pretrain.py to a head this test starts on 127.0.0.1 (and stops)."""
     bin_dir = Path(sys.executable).parent
-    dash = _free_port()
     temp = f"/tmp/rjp_{os.getpid()}"
+    # The job's `python` is looked up on the head's PATH. No drain on SIGTERM: a test head serves nobody.
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     work = tmp_path / "work"
     for part in ("medmae", "launch", "configs"):
         shutil.copytree(REPO / part, work / part, ignore=shutil.ignore_patterns("__pycache__"))
-    head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(_free_port()),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats", "--temp-dir", temp,
-         "--object-store-memory", str(200 * 1024**2)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # Every port explicit: a Ray already on this machine holds the defaults, and a clash leaves the head without
+    # a job agent ("No available agent to submit job").
+    port, dash, *agent_ports = (_free_port() for _ in range(7))
+    port_flags = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+                  "--metrics-export-port", "--ray-client-server-port"]
+    # --block keeps `ray start` in the foreground: SIGTERM to it stops exactly this head (`ray stop` stops all).
+    start = [str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats",
+             "--temp-dir", temp, "--object-store-memory", str(200 * 1024**2)]
+    start += [x for flag, p in zip(port_flags, agent_ports) for x in (flag, str(p))]
+    head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
