@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -28,7 +29,7 @@ def patchify(imgs: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
     x = imgs.reshape(b, c, *[d for g, p in zip(grid, patch_size) for d in (g, p)])
     perm = [0] + [2 + 2 * i for i in range(n)] + [3 + 2 * i for i in range(n)] + [1]
     x = x.permute(*perm)
-    return x.reshape(b, -1, int(torch.tensor(patch_size).prod()) * c)
+    return x.reshape(b, -1, math.prod(patch_size) * c)
 
 
 def unpatchify(x: torch.Tensor, patch_size: Sequence[int], grid_size: Sequence[int], channels: int) -> torch.Tensor:
@@ -59,7 +60,7 @@ class PatchEmbed(nn.Module):
             if s % p:
                 raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         self.grid_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
-        self.num_patches = int(torch.tensor(self.grid_size).prod())
+        self.num_patches = math.prod(self.grid_size)
         conv = {2: nn.Conv2d, 3: nn.Conv3d}[self.spatial_dims]
         self.proj = conv(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
 

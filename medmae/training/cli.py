@@ -49,4 +49,5 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
     cfg.run.output_dir = fix(cfg.run.output_dir)
     cfg.dist.storage_path = fix(cfg.dist.storage_path)
     cfg.data.path = fix(cfg.data.path)
+    cfg.finetune.pretrained = fix(cfg.finetune.pretrained)
     return cfg

@@ -93,6 +93,24 @@ class TrainConfig:
             raise ValueError(f"global_batch: {self.global_batch} is smaller than micro_batch {self.micro_batch}")
 
 
+@dataclass
+class FinetuneConfig:
+    pretrained: str = ""
+    """encoder.safetensors exported by pretraining; empty trains from scratch"""
+    labels: Literal["classes", "brats_regions"] = "classes"
+    """segmentation targets: softmax classes, or sigmoid BraTS regions WT/TC/ET from MSD labels 1/2/3"""
+    sw_overlap: float = 0.5
+    """sliding-window overlap for whole-volume validation"""
+    sw_batch: int = 2
+    """windows per forward during validation"""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sw_overlap < 1.0:
+            raise ValueError(f"sw_overlap: must be in [0, 1), got {self.sw_overlap}")
+        if self.sw_batch < 1:
+            raise ValueError(f"sw_batch: must be >= 1, got {self.sw_batch}")
+
+
 DEFAULT_MODEL = {"pretrain": "mae_vit_3d_debug", "segment": "unetr_vit_3d_debug", "classify": "vit_2d_cls_debug"}
 
 
@@ -107,8 +125,14 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistributedConfig = field(default_factory=DistributedConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
+        if self.task != "pretrain" and self.dist.zero_stage == 3:
+            raise ValueError(
+                "dist.zero_stage: 3 partitions parameters, so every rank must run the same forwards, but whole-volume "
+                "validation gives ranks different work; fine-tune with stage 0, 1 or 2"
+            )
         if "name" not in self.model:
             self.model = {"name": DEFAULT_MODEL[self.task], **self.model}
         self.model_config()  # validates the overrides now, naming model.<key>

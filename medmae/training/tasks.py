@@ -29,6 +29,9 @@ class Task(Protocol):
 
     def flops_per_sample(self, resolved: Any) -> float: ...
 
+    def validate(self, model: nn.Module, resolved: Any, rank: int, world_size: int, device: torch.device,
+                 dtype: torch.dtype) -> dict[str, Any] | None: ...
+
     def export(self, state: dict[str, torch.Tensor], resolved: Any, directory: Path) -> list[Path]: ...
 
 
@@ -37,6 +40,12 @@ class PretrainTask:
 
     name = "pretrain"
     with_labels = False
+
+    def __init__(self, cfg: Any = None) -> None:
+        self.cfg = cfg
+
+    def validate(self, *args: Any, **kwargs: Any) -> None:
+        return None  # pretraining has no validation metric; the reconstruction images show progress
 
     def build_model(self, model_cfg: dict[str, Any], resolved: Any) -> nn.Module:
         name = model_cfg["name"]
@@ -63,8 +72,8 @@ class PretrainTask:
         """Training FLOPs (forward + backward = 3 × forward) of one sample: matmuls of encoder and decoder."""
         n = math.prod(resolved.grid_size)
         n_vis = round(n * (1 - resolved.mask_ratio)) + 1
-        enc = _transformer_flops(resolved.embed_dim, resolved.depth, resolved.mlp_ratio, n_vis)
-        dec = _transformer_flops(resolved.decoder_embed_dim, resolved.decoder_depth, resolved.mlp_ratio, n + 1)
+        enc = transformer_flops(resolved.embed_dim, resolved.depth, resolved.mlp_ratio, n_vis)
+        dec = transformer_flops(resolved.decoder_embed_dim, resolved.decoder_depth, resolved.mlp_ratio, n + 1)
         embed = 2 * n * math.prod(resolved.patch) * resolved.in_chans * resolved.embed_dim
         head = 2 * n * resolved.decoder_embed_dim * math.prod(resolved.patch) * resolved.in_chans
         return 3.0 * (enc + dec + embed + head)
@@ -73,16 +82,17 @@ class PretrainTask:
         return [save_encoder(state, resolved.encoder_dict(), directory / "encoder.safetensors")]
 
 
-def _transformer_flops(dim: int, depth: int, mlp_ratio: float, tokens: int) -> float:
+def transformer_flops(dim: int, depth: int, mlp_ratio: float, tokens: int) -> float:
     """Forward FLOPs: qkv + proj (8·N·D²), MLP (4·r·N·D²), attention scores and values (4·N²·D) per block."""
     per_block = 8 * tokens * dim**2 + 4 * mlp_ratio * tokens * dim**2 + 4 * tokens**2 * dim
     return depth * per_block
 
 
-TASKS: dict[str, Task] = {"pretrain": PretrainTask()}
+def get_task(cfg: Any) -> Task:
+    """The spec for ``cfg.task``, bound to the job config."""
+    from medmae.training.finetune import ClassifyTask, SegmentTask
 
-
-def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise ValueError(f"task: {name!r} is not implemented; available: {', '.join(sorted(TASKS))}")
-    return TASKS[name]
+    tasks = {"pretrain": PretrainTask, "segment": SegmentTask, "classify": ClassifyTask}
+    if cfg.task not in tasks:
+        raise ValueError(f"task: {cfg.task!r} is not implemented; available: {', '.join(sorted(tasks))}")
+    return tasks[cfg.task](cfg)

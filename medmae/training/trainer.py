@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from medmae.config import from_dict, save_config, to_dict
 from medmae.data import build_train_loader
+from medmae.data.convert.manifest import write_json_atomic
 from medmae.distributed import checkpoint_dir, create_engine, init_process_group, latest_checkpoint_dir, report
 from medmae.training.config import JobConfig, derive
 from medmae.training.logs import Board, Progress, memory_gib, peak_flops, setup_logging
@@ -55,7 +56,7 @@ def _set_rng_state(state: dict[str, str]) -> None:
 class Trainer:
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
-        self.task = get_task(cfg.task)
+        self.task = get_task(cfg)
         self.rank, self.world_size = init_process_group(cfg.dist.backend)
         setup_logging(self.rank)
         self.run_dir = run_dir_of(cfg)
@@ -75,6 +76,7 @@ class Trainer:
         self.device = self.engine.device
         self.step = 0
         self.board = Board(self.run_dir, self.rank)
+        self.results: dict[str, Any] = {"task": cfg.task, "best": None, "history": []}
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml", extra={"derived": self.derived.as_dict(),
                                                                  "model_resolved": to_dict(self.model_cfg)})
@@ -84,7 +86,7 @@ class Trainer:
     # ---- checkpoints ------------------------------------------------------------------------------------------------
     def client_state(self) -> dict[str, Any]:
         return {"step": self.step, "model_name": self.cfg.model["name"], "model": to_dict(self.model_cfg),
-                "global_batch": self.derived.global_batch, "rng": _rng_state()}
+                "global_batch": self.derived.global_batch, "rng": _rng_state(), "results": self.results}
 
     def resume(self) -> None:
         ckpt = latest_checkpoint_dir(self.run_dir / "checkpoints")
@@ -99,6 +101,7 @@ class Trainer:
             )
         self.step = int(state["step"])
         _set_rng_state(state["rng"])
+        self.results = state.get("results", self.results)
         logger.info("resumed from %s at step %d (written with global batch %s, now %d)", ckpt, self.step,
                     state.get("global_batch"), self.derived.global_batch)
 
@@ -129,6 +132,31 @@ class Trainer:
             logger.info("exported %s", path)
             if extra_dir is not None:
                 shutil.copy2(path, extra_dir / path.name)
+
+    # ---- validation -------------------------------------------------------------------------------------------------
+    def validate(self) -> dict[str, Any] | None:
+        """Whole-volume validation on every rank's share; logs, updates results.json and the best model."""
+        res = self.task.validate(self.engine.module, self.model_cfg, self.rank, self.world_size, self.device,
+                                 self.engine.dtype)
+        if res is None:
+            return None
+        res = {"step": self.step, **res}
+        flat = {k: v for k, v in res.items() if isinstance(v, float)}
+        for group in ("dice", "hd95", "auc"):
+            flat.update({f"{group}/{k}": v for k, v in res.get(group, {}).items()})
+        self.board.scalars(flat, self.step, prefix="val/")
+        self.results["history"].append(res)
+        best = self.results["best"]
+        if best is None or (np.isfinite(res["score"]) and not res["score"] <= best["score"]):
+            self.results["best"] = res
+            state = self.engine.consolidated_state_dict()  # collective
+            if self.rank == 0:
+                self.task.export(state, self.model_cfg, self.run_dir, filename="best_model.safetensors")
+        if self.rank == 0:
+            write_json_atomic(self.run_dir / "results.json", self.results)
+            logger.info("validation at step %d: score %.4f (best %.4f at step %d)", self.step, res["score"],
+                        self.results["best"]["score"], self.results["best"]["step"])
+        return res
 
     # ---- data -------------------------------------------------------------------------------------------------------
     def batches(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -219,8 +247,13 @@ class Trainer:
                 img = self.task.image(self.engine.module, out["batch"], out["out"])
                 if img is not None:
                     self.board.image("train/input|masked|reconstruction", img, self.step)
+            if cfg.run.val_every and self.step % cfg.run.val_every == 0 and self.step < cfg.train.max_steps:
+                self.validate()
             if self.step % cfg.run.checkpoint_every == 0 and self.step < cfg.train.max_steps:
                 self.save_checkpoint(metrics)
+        final = self.validate()
+        if final is not None:
+            metrics = {**metrics, "val_score": final["score"]}
         self.save_checkpoint(metrics, final=True)
         self.board.close()
         return metrics
