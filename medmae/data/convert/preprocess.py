@@ -23,7 +23,7 @@ from nibabel.orientations import (
 from medmae.data.convert.options import ConvertOptions, SampleError
 from medmae.data.convert.sources import SampleSpec
 
-__all__ = ["Prepared", "prepare", "read_image", "checksum"]
+__all__ = ["Geometry", "Prepared", "check_image", "checksum", "prepare", "read_image", "transform"]
 
 _NIFTI = (".nii", ".nii.gz")
 
@@ -37,6 +37,24 @@ class Prepared:
     """(*S) uint8/uint16 segmentation, or (K,) float32 classification target."""
     meta: dict
     """Everything written next to the arrays (sample .json / Zarr attributes)."""
+
+
+@dataclass
+class Geometry:
+    """How ``transform`` moved an image off its source grid; prediction uses it to put labels back on that grid."""
+
+    source_shape: tuple[int, ...]
+    source_affine: np.ndarray
+    reoriented: bool
+    """Axes were flipped/permuted to RAS (the ornt follows from ``source_affine``)."""
+    oriented_shape: tuple[int, ...]
+    oriented_affine: np.ndarray
+    """After reorientation, before resampling."""
+    resampled_shape: tuple[int, ...]
+    resampled_affine: np.ndarray
+    """After resampling, before the foreground crop (equal to the oriented grid without resampling)."""
+    box: tuple[slice, ...] | None
+    """Foreground crop inside the resampled grid."""
 
 
 def checksum(image: np.ndarray, label: np.ndarray | None) -> str:
@@ -195,30 +213,40 @@ def _fg_points(label: np.ndarray, n: int, key: str, seed: int) -> list[list[int]
     return np.stack(coords[::-1] if fortran else coords, axis=1).tolist()
 
 
-def prepare(spec: SampleSpec, opts: ConvertOptions, spatial_dims: int, channels: int) -> Prepared:
-    """Read, check and preprocess ``spec``; raise ``SampleError`` for bad input."""
-    if spec.error is not None:
-        raise SampleError(*spec.error)
-    parts = [read_image(p, spatial_dims) for p in spec.images]
-    affine = parts[0][1]
-    for p, (arr, aff) in zip(spec.images[1:], parts[1:]):
-        if arr.shape[1:] != parts[0][0].shape[1:] or not _geometry_close(aff, affine):
-            raise SampleError("channel_mismatch", f"{p}: channel geometry differs from {spec.images[0]}")
-    image = np.concatenate([a for a, _ in parts]) if len(parts) > 1 else parts[0][0]  # source dtype until checked
+def check_image(image: np.ndarray, channels: int, where: str) -> None:
+    """``SampleError`` unless ``image`` ``(C, *S)`` has ``channels`` channels, content and only finite values."""
     if image.shape[0] != channels:
-        raise SampleError("wrong_channels", f"{spec.images[0]}: {image.shape[0]} channel(s), expected {channels}")
-    _check_finite_nonempty(image, spec.images[0])
-    original_shape, original_affine = list(image.shape[1:]), affine
-    label = _read_label(spec, image.shape[1:], affine, spatial_dims) if spec.label else None
-    if spatial_dims == 3 and opts.reorient:
+        raise SampleError("wrong_channels", f"{where}: {image.shape[0]} channel(s), expected {channels}")
+    _check_finite_nonempty(image, where)
+
+
+def transform(
+    image: np.ndarray,
+    affine: np.ndarray,
+    opts: ConvertOptions,
+    spatial_dims: int,
+    label: np.ndarray | None = None,
+    where: str = "",
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, Geometry]:
+    """Reorient, resample, intensity preset, crop and cast a checked ``(C, *S)`` image (and its ``(*S)`` label).
+
+    The one definition of the stored voxels: the converter and prediction both call it. Returns the image in the
+    storage dtype, the label (nearest-resampled), the final affine and the ``Geometry`` to undo it.
+    """
+    source_shape, source_affine = tuple(image.shape[1:]), affine
+    reoriented = spatial_dims == 3 and opts.reorient
+    if reoriented:
         image, new_affine = _reorient(image, affine)
         label = _reorient(label[None], affine)[0][0] if label is not None else None
         affine = new_affine
+    oriented_shape, oriented_affine = tuple(image.shape[1:]), affine
     # Memory order is kept as read (Fortran for NIfTI/ITK): a transposing copy would cost more than the decode.
     image = image.astype(np.float32, order="K")
     if spatial_dims == 3 and opts.spacing is not None:
         image, label, affine = _resample(image, label, affine, opts.spacing)
+    resampled_shape, resampled_affine = tuple(image.shape[1:]), affine
     image = _intensity(image, opts)
+    box = None
     if opts.crop_foreground:
         box = _foreground_box(image, opts.fg_margin)
         image = image[(slice(None), *box)]
@@ -229,10 +257,29 @@ def prepare(spec: SampleSpec, opts: ConvertOptions, spatial_dims: int, channels:
     if opts.image_dtype == "float16" and peak > 65000:
         raise SampleError(
             "float16_overflow",
-            f"{spec.images[0]}: values up to {peak:.0f} overflow float16; "
-            "use an intensity preset or --image-dtype float32",
+            f"{where}: values up to {peak:.0f} overflow float16; use an intensity preset or --image-dtype float32",
         )
     image = _to_storage_dtype(image, opts.image_dtype)
+    geometry = Geometry(
+        source_shape, source_affine, reoriented, oriented_shape, oriented_affine, resampled_shape, resampled_affine, box
+    )
+    return image, label, affine, geometry
+
+
+def prepare(spec: SampleSpec, opts: ConvertOptions, spatial_dims: int, channels: int) -> Prepared:
+    """Read, check and preprocess ``spec``; raise ``SampleError`` for bad input."""
+    if spec.error is not None:
+        raise SampleError(*spec.error)
+    parts = [read_image(p, spatial_dims) for p in spec.images]
+    affine = parts[0][1]
+    for p, (arr, aff) in zip(spec.images[1:], parts[1:]):
+        if arr.shape[1:] != parts[0][0].shape[1:] or not _geometry_close(aff, affine):
+            raise SampleError("channel_mismatch", f"{p}: channel geometry differs from {spec.images[0]}")
+    image = np.concatenate([a for a, _ in parts]) if len(parts) > 1 else parts[0][0]  # source dtype until checked
+    check_image(image, channels, spec.images[0])
+    original_shape, original_affine = list(image.shape[1:]), affine
+    label = _read_label(spec, image.shape[1:], affine, spatial_dims) if spec.label else None
+    image, label, affine, _ = transform(image, affine, opts, spatial_dims, label, spec.images[0])
     fg: list = []
     if label is not None:
         label = label.astype(np.uint8 if label.max() < 256 else np.uint16, order="K", copy=False)
