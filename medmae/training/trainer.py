@@ -247,9 +247,14 @@ class Trainer:
                 img = self.task.image(self.engine.module, out["batch"], out["out"])
                 if img is not None:
                     self.board.image("train/input|masked|reconstruction", img, self.step)
+            checkpoint_now = self.step % cfg.run.checkpoint_every == 0 and self.step < cfg.train.max_steps
             if cfg.run.val_every and self.step % cfg.run.val_every == 0 and self.step < cfg.train.max_steps:
-                self.validate()
-            if self.step % cfg.run.checkpoint_every == 0 and self.step < cfg.train.max_steps:
+                res = self.validate()
+                if res is not None:
+                    metrics = {**metrics, "val_score": res["score"]}
+                    if not checkpoint_now:  # Ray Tune schedulers (ASHA) decide on these reports
+                        report({**metrics, "step": self.step})
+            if checkpoint_now:
                 self.save_checkpoint(metrics)
         final = self.validate()
         if final is not None:

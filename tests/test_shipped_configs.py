@@ -1,0 +1,24 @@
+"""Every job config shipped in configs/ loads and validates, so a user never starts from a broken file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medmae.config import load_config
+from medmae.training.config import JobConfig, derive
+
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
+                 if not p.name.startswith("sweep_"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_job_config_validates(path):
+    cfg = load_config(JobConfig, path)
+    cfg.model_config()
+    d = derive(cfg, cfg.dist.num_workers)
+    assert d.global_batch == cfg.train.micro_batch * d.grad_accum * cfg.dist.num_workers
+    if cfg.task != "pretrain":
+        assert cfg.model_config().num_classes >= 1
+    assert tuple(cfg.data.roi_size) == tuple(cfg.model_config().img_size)
