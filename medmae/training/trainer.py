@@ -226,14 +226,18 @@ class Trainer:
             self.board.close()
             return metrics
         t0 = time.perf_counter()
+        loss_sum, steps_in_interval = torch.zeros((), device=self.device), 0
         while self.step < cfg.train.max_steps:
             self.maybe_fail()
             out = self.train_step(data)
-            if self.step % cfg.run.log_every == 0 or self.step == cfg.train.max_steps:
-                dt = (time.perf_counter() - t0) / cfg.run.log_every
+            loss_sum += out["loss"]  # stays on the device: no host sync until the log line
+            steps_in_interval += 1
+            if self.step % cfg.run.log_every == 0 or self.step in (1, cfg.train.max_steps):
+                dt = (time.perf_counter() - t0) / steps_in_interval
                 metrics = {
-                    "loss": self.mean_over_ranks(out["loss"]), "lr": out["lr"], "grad_norm": self.engine.grad_norm(),
-                    "step_time_s": dt, "volumes_per_s": self.derived.global_batch / dt,
+                    "loss": self.mean_over_ranks(loss_sum / steps_in_interval), "lr": out["lr"],
+                    "grad_norm": self.engine.grad_norm(), "step_time_s": dt,
+                    "volumes_per_s": self.derived.global_batch / dt,
                     "tokens_per_s": self.derived.global_batch * _num_tokens(self.model_cfg) / dt,
                     "memory_gib": memory_gib(self.device),
                 }
@@ -243,6 +247,7 @@ class Trainer:
                 if self.rank == 0:
                     progress.update(self.step - 1, metrics)
                 t0 = time.perf_counter()
+                loss_sum, steps_in_interval = torch.zeros((), device=self.device), 0
             if cfg.run.image_every and self.step % cfg.run.image_every == 0 and self.rank == 0:
                 img = self.task.image(self.engine.module, out["batch"], out["out"])
                 if img is not None:
