@@ -163,12 +163,15 @@ def _storage_path(path: str) -> str:
 
 
 def run_ray(train_fn: Callable[[dict], None], train_fn_config: dict[str, Any], cfg: DistributedConfig, *,
-            run_name: str, keep_checkpoints: int | None = None, ray_init_kwargs: dict[str, Any] | None = None) -> Any:
+            run_name: str, keep_checkpoints: int | None = None, ray_init_kwargs: dict[str, Any] | None = None,
+            callbacks: list[Any] | None = None) -> Any:
     """Run ``train_fn(train_fn_config)`` on ``cfg.num_workers`` Ray Train workers; returns the ``ray.train.Result``.
 
     A run name that already exists under ``cfg.storage_path`` resumes from its last reported checkpoint. Raises
     ``ray.train.TrainingFailedError`` when the workers fail more than ``cfg.max_failures`` times.
     ``keep_checkpoints`` keeps only that many of the newest checkpoints in storage (None keeps all).
+    ``callbacks``: Ray Train callbacks, e.g. one forwarding reports to Ray Tune when this runs inside a Tune trial
+    (a Tune function trainable may call ``run_ray``: Ray is already initialised there and is reused).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -194,6 +197,7 @@ def run_ray(train_fn: Callable[[dict], None], train_fn_config: dict[str, Any], c
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             worker_runtime_env={"env_vars": env},
+            callbacks=callbacks,
         ),
     )
     logger.info("Ray Train run %r: %s workers, %s, gpu=%s, storage %s", run_name, workers, backend, use_gpu,

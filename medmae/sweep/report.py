@@ -1,0 +1,195 @@
+"""The label-efficiency report, rebuilt from every trial's files: ``results.csv``, ``summary.md``, the figure.
+
+A trial's run directory (``<sweep>/trials/<name>/``) holds the trainer's ``results.json`` (validation history and
+best) and the sweep's ``trial.json`` (status, wall time). Nothing else is needed, so the report can be regenerated
+at any time, also for a sweep that is still running or was interrupted.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medmae.sweep.grid import TrialSpec, format_lr
+
+__all__ = ["collect_rows", "read_trial_status", "write_json_atomic", "write_report"]
+
+logger = logging.getLogger(__name__)
+
+TRIAL_FILE = "trial.json"
+METRIC_NAMES = {"segment": "Dice", "classify": "AUC"}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, json.dumps(payload, indent=1).encode())
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_trial_status(run_dir: Path) -> dict[str, Any]:
+    """``trial.json`` of a trial (status done/failed/stopped, wall_time_s), or ``{"status": "pending"}``."""
+    return _read_json(run_dir / TRIAL_FILE) or {"status": "pending"}
+
+
+def collect_rows(trials_dir: Path, specs: Iterable[TrialSpec]) -> list[dict[str, Any]]:
+    """One row per trial of the grid: parameters, status, best validation step and metric, per-class values."""
+    rows = []
+    for spec in specs:
+        run_dir = trials_dir / spec.name
+        status = read_trial_status(run_dir)
+        results = _read_json(run_dir / "results.json") or {}
+        best = results.get("best") or {}
+        row: dict[str, Any] = {"trial": spec.name, **spec.params(), "status": status["status"],
+                               "best_step": best.get("step"), "metric": METRIC_NAMES.get(results.get("task"), ""),
+                               "score": best.get("score"), "wall_time_s": status.get("wall_time_s")}
+        for group in ("dice", "hd95", "auc"):
+            row.update({f"{group}/{k}": v for k, v in (best.get(group) or {}).items()})
+        if "mean_hd95" in best:
+            row["mean_hd95"] = best["mean_hd95"]
+        rows.append(row)
+    return rows
+
+
+def _results_csv(rows: list[dict[str, Any]]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+    return out.getvalue()
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _stats(values: list[float]) -> tuple[float, float, int]:
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0, len(a)
+
+
+def _fmt(mean: float, std: float, n: int) -> str:
+    return f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f} (n=1)"
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[tuple[str, float], dict[str, Any]]:
+    """(init, fraction) -> the lr with the best mean score over seeds, with mean, std and n of every metric column.
+
+    Only trials with a finite score count (done, or stopped early by ASHA with the best score it reached).
+    """
+    groups: dict[tuple[str, float, float], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if _finite(row.get("score")):
+            groups[(row["init"], row["train_fraction"], row["lr"])].append(row)
+    best: dict[tuple[str, float], dict[str, Any]] = {}
+    for (init, frac, lr), members in groups.items():
+        cols = [k for k in members[0] if k == "score" or k.startswith(("dice/", "auc/", "hd95/"))]
+        stats = {c: _stats([m[c] for m in members if _finite(m.get(c))]) for c in cols}
+        entry = {"lr": lr, "stats": stats, "seeds": sorted(m["seed"] for m in members)}
+        if (init, frac) not in best or stats["score"][0] > best[(init, frac)]["stats"]["score"][0]:
+            best[(init, frac)] = entry
+    return best
+
+
+def _summary_md(rows: list[dict[str, Any]], agg: dict[tuple[str, float], dict[str, Any]], title: str) -> str:
+    metric = next((r["metric"] for r in rows if r["metric"]), "score")
+    inits = [i for i in ("scratch", "mae") if any(k[0] == i for k in agg)]
+    fractions = sorted({k[1] for k in agg})
+    counts = defaultdict(int)
+    for row in rows:
+        counts[row["status"]] += 1
+    lines = [f"# {title}: label efficiency", "",
+             f"Trials: {len(rows)} ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}). "
+             f"Best validation mean {metric} per trial; mean ± std over seeds; for each init × fraction the lr with "
+             "the best mean is shown.", ""]
+    header = ["train fraction"] + [f"{i} {metric}" for i in inits] + (["Δ mae − scratch"] if len(inits) == 2 else [])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for frac in fractions:
+        cells = [f"{frac:g}"]
+        for init in inits:
+            e = agg.get((init, frac))
+            cells.append(f"{_fmt(*e['stats']['score'])} (lr {format_lr(e['lr'])})" if e else "—")
+        if len(inits) == 2:
+            a, b = agg.get(("scratch", frac)), agg.get(("mae", frac))
+            cells.append(f"{b['stats']['score'][0] - a['stats']['score'][0]:+.3f}" if a and b else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    per_class = sorted({c for e in agg.values() for c in e["stats"] if c != "score" and not c.startswith("hd95/")})
+    if per_class:
+        lines += ["", "Per class (mean ± std over seeds):", "",
+                  "| init | fraction | " + " | ".join(c.split("/", 1)[1] for c in per_class) + " |",
+                  "|---|---|" + "---|" * len(per_class)]
+        for (init, frac), e in sorted(agg.items(), key=lambda kv: (kv[0][1], kv[0][0] != "scratch")):
+            vals = [_fmt(*e["stats"][c]) if c in e["stats"] and e["stats"][c][2] else "—" for c in per_class]
+            lines.append(f"| {init} | {frac:g} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(agg: dict[tuple[str, float], dict[str, Any]], metric: str, title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
+    for init, color in (("scratch", "tab:gray"), ("mae", "tab:blue")):
+        points = sorted((frac, e["stats"]["score"]) for (i, frac), e in agg.items() if i == init)
+        if points:
+            x = [p[0] for p in points]
+            ax.errorbar(x, [p[1][0] for p in points], yerr=[p[1][1] for p in points], marker="o", capsize=4,
+                        color=color, label="MAE self pre-trained" if init == "mae" else "from scratch")
+    ax.set_xscale("log")
+    fractions = sorted({k[1] for k in agg})
+    ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
+    ax.minorticks_off()
+    ax.set_xlabel("fraction of labelled training volumes")
+    ax.set_ylabel(f"validation mean {metric} (mean ± std over seeds)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if agg:
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(root: Path, specs: Iterable[TrialSpec], title: str) -> dict[str, Path]:
+    """Regenerate ``results.csv``, ``summary.md`` and ``label_efficiency.png`` in ``root`` (each written atomically)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = collect_rows(root / "trials", specs)
+    agg = aggregate(rows)
+    metric = next((r["metric"] for r in rows if r["metric"]), "score")
+    paths = {"csv": root / "results.csv", "summary": root / "summary.md", "plot": root / "label_efficiency.png"}
+    _write_atomic(paths["csv"], _results_csv(rows).encode())
+    _write_atomic(paths["summary"], _summary_md(rows, agg, title).encode())
+    _write_atomic(paths["plot"], _plot(agg, metric, title))
+    logger.info("report: %s", ", ".join(str(p) for p in paths.values()))
+    return paths

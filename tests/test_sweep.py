@@ -1,0 +1,226 @@
+"""The label-efficiency sweep: config and grid, the report, and real Ray Tune sweeps of tiny UNETR trials (CPU).
+
+One local Ray (2 CPUs) serves the module. Trials use configs/sweep_debug.yaml on generated phantoms: 1 worker × 1 CPU
+each, a few steps, so two run at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from medmae.config import load_config
+from medmae.data.convert.options import ConvertOptions
+from medmae.data.convert.run import convert
+from medmae.data.synthetic import write_phantom_dataset
+from medmae.models import create_model, save_encoder
+from medmae.sweep import SweepConfig, expand_grid, trial_job
+from medmae.sweep.report import write_report
+
+REPO = Path(__file__).resolve().parents[1]
+DEBUG = REPO / "configs/sweep_debug.yaml"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """Eight 40³ phantoms (two for validation) as shards, and a debug MAE encoder unlike any seed-0 init."""
+    root = tmp_path_factory.mktemp("sweep_data")
+    datalist = write_phantom_dataset(root / "raw", n=8, shape=(40, 40, 40), num_classes=3, seed=5)
+    convert(datalist, root / "wds", ConvertOptions(format="wds", preset="ct", workers=0), progress=False)
+    torch.manual_seed(123)
+    mae = create_model("mae_vit_3d_debug")
+    encoder = save_encoder(mae.state_dict(), mae.cfg.encoder_dict(), root / "encoder.safetensors")
+    return {"shards": root / "wds", "encoder": Path(encoder)}
+
+
+def _sweep_cfg(tmp_path: Path, assets: dict[str, Path], *overrides: str) -> SweepConfig:
+    return load_config(SweepConfig, DEBUG, [
+        f"storage_path={tmp_path / 'sweeps'}", f"pretrained={assets['encoder']}",
+        f"finetune_config={REPO / 'configs/finetune_debug.yaml'}", f"overrides.data.path={assets['shards']}",
+        "overrides.train.max_steps=8",
+        "overrides.run.val_every=4", "overrides.run.checkpoint_every=4", "overrides.run.log_every=1", *overrides,
+    ])
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+# ---- no Ray ---------------------------------------------------------------------------------------------------------
+def test_grid_names_and_trial_configs(tmp_path, assets):
+    cfg = _sweep_cfg(tmp_path, assets, "grid.lr=[1e-3, 1.5e-4]", "grid.seeds=[0, 2]", "grid.lr_key=base_lr",
+                     "resources.workers=2", "resources.min_workers=1")
+    specs = expand_grid(cfg)
+    assert len(specs) == 2 * 2 * 2 * 2 and len({s.name for s in specs}) == 16
+    assert {"scratch-f0.5-lr1e-3-s0", "mae-f1-lr1.5e-4-s2"} <= {s.name for s in specs}
+    mae = next(s for s in specs if s.name == "mae-f0.5-lr1.5e-4-s2")
+    job = trial_job(cfg, mae)
+    root = tmp_path / "sweeps" / "sweep_debug"
+    assert (job.run.name, job.run.output_dir, job.run.seed) == (mae.name, str(root / "trials"), 2)
+    assert (job.data.train_fraction, job.data.subset_seed, job.data.path) == (0.5, 2, str(assets["shards"]))
+    assert job.optim.base_lr == 1.5e-4 and job.optim.lr is None
+    assert job.finetune.pretrained == str(assets["encoder"])
+    assert (job.dist.num_workers, job.dist.min_workers, job.dist.max_failures) == (2, 1, 1)
+    assert job.dist.storage_path == str(root / "checkpoints")
+    assert job.train.max_steps == 8  # the sweep's overrides reach every trial
+    scratch = next(s for s in specs if s.init == "scratch")
+    assert trial_job(cfg, scratch).finetune.pretrained == ""
+
+
+@pytest.mark.parametrize("override, match", [
+    ("grid.init=[scratch, imagenet]", "init: 'imagenet'"),
+    ("grid.train_fraction=[0, 0.5]", "train_fraction"),
+    ("pretrained=''", "pretrained"),
+    ("overrides.optim.lrr=1", "unknown config key 'optim.lrr'"),
+    ("storage_path=s3://bucket/sweeps", "storage_path"),
+    ("asha.reduction_factor=1", "reduction_factor"),
+])
+def test_bad_sweep_configs_name_the_key(tmp_path, assets, override, match):
+    with pytest.raises(ValueError, match=match):
+        from medmae.sweep.grid import trial_jobs
+
+        trial_jobs(_sweep_cfg(tmp_path, assets, override))
+
+
+def test_report_aggregates_seeds_and_picks_the_best_lr(tmp_path, assets):
+    cfg = _sweep_cfg(tmp_path, assets, "grid.seeds=[0, 1]", "grid.lr=[1e-3, 1e-2]", "grid.train_fraction=[0.5]")
+    root = tmp_path / "report"
+    for spec in expand_grid(cfg):
+        score = {"scratch": 0.5, "mae": 0.7}[spec.init] + 0.1 * spec.seed + (0.05 if spec.lr == 1e-2 else 0.0)
+        run = root / "trials" / spec.name
+        run.mkdir(parents=True)
+        best = {"step": 8, "score": score, "mean_dice": score, "dice": {"liver": score}, "hd95": {"liver": 3.0}}
+        (run / "results.json").write_text(json.dumps({"task": "segment", "best": best, "history": [best]}))
+        (run / "trial.json").write_text(json.dumps({"status": "done", "wall_time_s": 1.5}))
+    paths = write_report(root, expand_grid(cfg), "unit")
+    rows = _rows(paths["csv"])
+    assert len(rows) == 8 and {r["status"] for r in rows} == {"done"} and rows[0]["dice/liver"]
+    summary = paths["summary"].read_text()
+    # mean over seeds 0 and 1 at the better lr (1e-2): scratch 0.55 + 0.05, mae 0.75 + 0.05; std of (x, x + 0.1)
+    assert "| 0.5 | 0.600 ± 0.071 (lr 1e-2) | 0.800 ± 0.071 (lr 1e-2) | +0.200 |" in summary
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- real Ray Tune --------------------------------------------------------------------------------------------------
+ray = pytest.importorskip("ray")
+
+
+def test_asha_stops_a_trial_behind_at_a_rung_and_records_it(tmp_path, assets):
+    from types import SimpleNamespace
+
+    from medmae.sweep.tune import EarlyStopping
+
+    cfg = _sweep_cfg(tmp_path, assets, "asha.enabled=true", "asha.grace_period=4", "asha.reduction_factor=2")
+    sched = EarlyStopping(cfg, max_steps=8, trials_dir=tmp_path)
+    good, bad = (SimpleNamespace(trial_id=n, config={"trial": n}) for n in ("good", "bad"))
+    for t in (good, bad):
+        sched.on_trial_add(None, t)
+    assert sched.on_trial_result(None, good, {"step": 4, "val_score": 0.9}) == sched.CONTINUE
+    assert sched.on_trial_result(None, bad, {"step": 4, "val_score": 0.1}) == sched.STOP
+    assert json.loads((tmp_path / "bad" / "trial.json").read_text())["status"] == "stopped"
+    assert sched.on_trial_result(None, good, {"step": 8, "val_score": 0.2}) == sched.CONTINUE  # final: never cut
+    assert not (tmp_path / "good" / "trial.json").exists()
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
+    temp = f"/tmp/rs_{os.getpid()}"
+    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False, _temp_dir=temp,
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _run(cfg: SweepConfig) -> dict[str, Path]:
+    from medmae.sweep import run_sweep
+
+    return run_sweep(cfg)
+
+
+@pytest.mark.slow
+def test_debug_sweep_writes_the_report(ray_session, tmp_path, assets):
+    cfg = _sweep_cfg(tmp_path, assets, "overrides.run.val_every=0")  # validate once, at the end
+    paths = _run(cfg)
+    rows = _rows(paths["csv"])
+    assert sorted(r["trial"] for r in rows) == sorted(s.name for s in expand_grid(cfg))
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"done"}
+    for r in rows:
+        assert r["best_step"] == "8" and r["metric"] == "Dice"
+        for key in ("score", "dice/class1", "dice/class2", "wall_time_s"):
+            assert math.isfinite(float(r[key])), (r["trial"], key)
+    # the mae trials start from the encoder (seeded unlike any trial), so they differ from scratch
+    by_name = {r["trial"]: r for r in rows}
+    assert by_name["mae-f1-lr3e-3-s0"]["score"] != by_name["scratch-f1-lr3e-3-s0"]["score"]
+    trial_cfg = yaml.safe_load((paths["csv"].parent / "trials/mae-f0.5-lr3e-3-s0/config.yaml").read_text())
+    assert trial_cfg["data"]["train_fraction"] == 0.5 and trial_cfg["finetune"]["pretrained"] == str(assets["encoder"])
+    summary = paths["summary"].read_text()
+    assert "| train fraction | scratch Dice | mae Dice |" in summary and "| 0.5 |" in summary and "| 1 |" in summary
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["plot"].stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_its_trial_from_the_checkpoint(ray_session, tmp_path, assets):
+    cfg = _sweep_cfg(tmp_path, assets, "name=fault", "grid.init=[scratch]", "grid.train_fraction=[1.0]",
+                     "overrides.run.fail_at_step=6", "overrides.run.val_every=0", "resources.max_failures=1")
+    paths = _run(cfg)
+    run = paths["csv"].parent / "trials" / "scratch-f1-lr3e-3-s0"
+    assert [r["status"] for r in _rows(paths["csv"])] == ["done"]
+    assert (run / ".fail_injected").read_text() == "6"
+    steps = [m["step"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train/loss" in m]
+    # steps 1-6 ran, the worker died before step 7; the restarted worker group resumed from the step-4 checkpoint
+    assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]
+    assert len((run / "trial_starts.jsonl").read_text().splitlines()) == 1  # Tune did not restart the trial
+    assert json.loads((run / "results.json").read_text())["best"]["step"] == 8
+
+
+@pytest.mark.slow
+def test_killed_driver_rerun_skips_finished_trials(ray_session, tmp_path, assets):
+    args = [f"storage_path={tmp_path / 'sweeps'}", f"pretrained={assets['encoder']}", "name=killed",
+            f"overrides.data.path={assets['shards']}", "overrides.train.max_steps=8", "overrides.run.val_every=4",
+            "overrides.run.checkpoint_every=4", "grid.train_fraction=[1.0]", "max_concurrent_trials=1",
+            f"finetune_config={REPO / 'configs/finetune_debug.yaml'}"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+    trials = tmp_path / "sweeps" / "killed" / "trials"
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, str(REPO / "launch/sweep.py"), "--config", str(DEBUG), *args],
+                                  cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 180
+            while not list(trials.glob("*/trial.json")):
+                assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no trial finished in time"
+                time.sleep(0.5)
+        finally:
+            driver.send_signal(signal.SIGKILL)
+            driver.wait()
+    [done] = [p.parent for p in trials.glob("*/trial.json")]
+    assert json.loads((done / "trial.json").read_text())["status"] == "done"
+    before = {f: (done / f).stat().st_mtime_ns for f in ("trial.json", "results.json", "trial_starts.jsonl")}
+    assert not (trials.parent / "results.csv").exists() or len(_rows(trials.parent / "results.csv")) == 2
+
+    cfg = load_config(SweepConfig, DEBUG, args)
+    paths = _run(cfg)
+    rows = {r["trial"]: r for r in _rows(paths["csv"])}
+    assert set(rows) == {"scratch-f1-lr3e-3-s0", "mae-f1-lr3e-3-s0"}
+    assert {r["status"] for r in rows.values()} == {"done"}
+    # the finished trial was not run again: its files are untouched and its driver function started once
+    assert {f: (done / f).stat().st_mtime_ns for f in before} == before
+    assert len((done / "trial_starts.jsonl").read_text().splitlines()) == 1
+    other = trials / (set(rows) - {done.name}).pop()
+    assert json.loads((other / "results.json").read_text())["best"]["step"] in (4, 8)
