@@ -67,6 +67,9 @@ def main() -> None:
         datalist = write_phantom_dataset(tmp / "raw", n=6, shape=(args.size + 16,) * 3, seed=0)
         convert(datalist, tmp / "wds", ConvertOptions(preset="ct", workers=0, shard_size_mb=0.5), progress=False)
         rows = [run(w, args, tmp / "wds", tmp / "runs", s) for s in args.stages for w in args.workers]
+    import ray
+
+    ray.shutdown()  # its teardown logs would otherwise interleave with the table
     base = {r["stage"]: r for r in rows if r["workers"] == args.workers[0]}
     print(f"\n{args.model} at {args.size}³, micro-batch {args.batch}/worker, {args.precision}")
     print(f"{'workers':>8} {'ZeRO':>5} {'s/step':>8} {'volumes/s':>10} {'scaling eff.':>13} {'MFU':>6}")

@@ -53,6 +53,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ValueError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
+        if isinstance(value, bool) and value not in get_args(tp):
+            # YAML 1.1 reads yes/no/on/off as booleans; map them back when the choices are those words
+            words = ("yes", "true", "on") if value else ("no", "false", "off")
+            value = next((w for w in words if w in get_args(tp)), value)
         if value not in get_args(tp):
             raise ValueError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
         return value

@@ -65,6 +65,7 @@ def test_derived_batch_and_lr():
         derive(cfg, world_size=3)
     assert derive(load_config(JobConfig, None, ["optim.lr=0.01"]), 2).lr == 0.01
     assert derive(load_config(JobConfig, None, ["optim.lr=1e-4"]), 2).lr == 1e-4  # YAML 1.1 reads this as a string
+    assert load_config(JobConfig, None, ["dist.use_gpu=no"]).dist.use_gpu == "no"  # ... and this as False
 
 
 def test_parse_overrides_nests_and_parses_yaml_values():
