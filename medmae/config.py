@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -188,15 +187,12 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
 
 def save_config(cfg: Any, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
     """Write the resolved config as YAML atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from medmae.io import atomic_write_bytes
+
     payload = to_dict(cfg)
     if extra:
         payload = {**payload, **extra}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(payload, f, sort_keys=False)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, yaml.safe_dump(payload, sort_keys=False).encode())
 
 
 def field_docs(cls: type) -> dict[str, str]:

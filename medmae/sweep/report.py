@@ -12,8 +12,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,26 +19,15 @@ from typing import Any
 
 import numpy as np
 
+from medmae.io import atomic_write_bytes
 from medmae.sweep.grid import TrialSpec, format_lr
 
-__all__ = ["collect_rows", "read_trial_status", "write_json_atomic", "write_report"]
+__all__ = ["collect_rows", "read_trial_status", "write_report"]
 
 logger = logging.getLogger(__name__)
 
 TRIAL_FILE = "trial.json"
 METRIC_NAMES = {"segment": "Dice", "classify": "AUC"}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, json.dumps(payload, indent=1).encode())
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -188,8 +175,8 @@ def write_report(root: Path, specs: Iterable[TrialSpec], title: str) -> dict[str
     agg = aggregate(rows)
     metric = next((r["metric"] for r in rows if r["metric"]), "score")
     paths = {"csv": root / "results.csv", "summary": root / "summary.md", "plot": root / "label_efficiency.png"}
-    _write_atomic(paths["csv"], _results_csv(rows).encode())
-    _write_atomic(paths["summary"], _summary_md(rows, agg, title).encode())
-    _write_atomic(paths["plot"], _plot(agg, metric, title))
+    atomic_write_bytes(paths["csv"], _results_csv(rows).encode())
+    atomic_write_bytes(paths["summary"], _summary_md(rows, agg, title).encode())
+    atomic_write_bytes(paths["plot"], _plot(agg, metric, title))
     logger.info("report: %s", ", ".join(str(p) for p in paths.values()))
     return paths

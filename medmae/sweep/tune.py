@@ -30,9 +30,10 @@ from ray.tune.schedulers import ASHAScheduler
 
 from medmae.config import from_dict, save_config
 from medmae.distributed import DistributedConfig, ensure_ray, run_ray
+from medmae.io import write_json_atomic
 from medmae.sweep.config import SweepConfig
 from medmae.sweep.grid import expand_grid, sweep_dir, trial_jobs
-from medmae.sweep.report import TRIAL_FILE, read_trial_status, write_json_atomic, write_report
+from medmae.sweep.report import TRIAL_FILE, read_trial_status, write_report
 from medmae.sweep.worker import train_worker
 
 __all__ = ["EarlyStopping", "ReportOnTrialEnd", "ValidationToTune", "run_sweep", "run_trial"]

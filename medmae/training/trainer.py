@@ -21,8 +21,8 @@ import torch.distributed as dist
 
 from medmae.config import from_dict, save_config, to_dict
 from medmae.data import build_train_loader
-from medmae.data.convert.manifest import write_json_atomic
 from medmae.distributed import checkpoint_dir, create_engine, init_process_group, latest_checkpoint_dir, report
+from medmae.io import write_json_atomic
 from medmae.training.config import JobConfig, derive
 from medmae.training.logs import Board, Progress, memory_gib, peak_flops, setup_logging
 from medmae.training.optim import lr_at, param_groups

@@ -12,6 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from medmae.data.convert.preprocess import checksum
+from medmae.io import write_json_atomic
 
 __all__ = ["MANIFEST", "ERRORS", "read_manifest", "write_json_atomic", "write_errors", "verify", "join_url"]
 
@@ -23,19 +24,6 @@ log = logging.getLogger(__name__)
 def join_url(base: str, name: str) -> str:
     """``base/name`` for local paths and URLs alike."""
     return f"{base.rstrip('/')}/{name}" if "://" in base else str(Path(base) / name)
-
-
-def write_json_atomic(path: Path, payload, lines: bool = False) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    with os.fdopen(fd, "w") as f:
-        if lines:
-            f.writelines(json.dumps(p) + "\n" for p in payload)
-        else:
-            json.dump(payload, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the dataset is meant to be shared
-    os.replace(tmp, path)
 
 
 def write_errors(out: Path, errors: list[dict]) -> None:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from medmae.data.convert.manifest import MANIFEST, read_manifest, verify, write_errors, write_json_atomic
+from medmae.data.convert.manifest import MANIFEST, read_manifest, verify, write_errors
+from medmae.io import write_json_atomic
 from medmae.data.convert.options import ConvertOptions, SampleError
 from medmae.data.convert.preprocess import prepare, read_image
 from medmae.data.convert.sources import SampleSpec, discover
