@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,8 @@ from medmae.distributed import DistributedConfig
 ray = pytest.importorskip("ray")
 
 pytestmark = pytest.mark.slow
+# Workers cannot import this test module (tests/ is not a package on their path): ship toy_train by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -75,21 +76,6 @@ def toy_train(config: dict) -> None:
                 report(metrics, d)
         else:
             report(metrics)
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    # The controller polls workers every 2 s by default and a report waits for it; tests poll faster.
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
-    temp = f"/tmp/rt_{os.getpid()}"
-    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False, _temp_dir=temp,
-             log_to_driver=False)
-    # Workers cannot import this test module (tests/ is not a package on their path): ship toy_train by value.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
 
 
 def _run(tmp_path: Path, name: str, steps: int, *, workers: int = 2, stage: int = 2, max_failures: int = 0,

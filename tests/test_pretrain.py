@@ -39,18 +39,6 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
-    temp = f"/tmp/rp_{os.getpid()}"
-    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False, _temp_dir=temp,
-             log_to_driver=False)
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
-
-
 def _config(tmp_path: Path, shards: Path, *overrides: str) -> JobConfig:
     return load_config(JobConfig, REPO / "configs/pretrain_debug.yaml", [
         f"data.path={shards}", f"run.output_dir={tmp_path / 'runs'}", f"dist.storage_path={tmp_path / 'ray'}",

@@ -10,7 +10,6 @@ import csv
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -133,18 +132,6 @@ def test_asha_stops_a_trial_behind_at_a_rung_and_records_it(tmp_path, assets):
     assert json.loads((tmp_path / "bad" / "trial.json").read_text())["status"] == "stopped"
     assert sched.on_trial_result(None, good, {"step": 8, "val_score": 0.2}) == sched.CONTINUE  # final: never cut
     assert not (tmp_path / "good" / "trial.json").exists()
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
-    temp = f"/tmp/rs_{os.getpid()}"
-    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False, _temp_dir=temp,
-             log_to_driver=False)
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
 
 
 def _run(cfg: SweepConfig) -> dict[str, Path]:
