@@ -145,7 +145,7 @@ def run(device, dtype, args):
         from medmae.training.logs import peak_flops
 
         flops = PretrainTask().flops_per_sample(cfg) * args.batch / res["ours"][0]
-        peak = peak_flops(device)
+        peak = peak_flops(device, dtype)
         print(f"  achieved {flops / 1e12:.1f} TFLOP/s" + (f", MFU {flops / peak:.1%}" if peak else ""))
     return res
 

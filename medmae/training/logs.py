@@ -92,15 +92,40 @@ def memory_gib(device: torch.device) -> float:
         return float("nan")
 
 
-# Dense bf16 peak of common training GPUs, for MFU (FLOP/s).
-_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+# Dense (no sparsity) peak FLOP/s per GPU from the vendors' datasheets, keyed on the exact name CUDA reports: the
+# H100 comes as SXM (989 bf16), PCIe (756) and NVL (835), and "L4" is a prefix of "L40", so no substring matching.
+_TF = 1e12
+_PEAKS: dict[str, dict[str, float]] = {
+    "NVIDIA H100 80GB HBM3": {"bf16": 989 * _TF, "fp16": 989 * _TF, "tf32": 495 * _TF, "fp32": 67 * _TF},
+    "NVIDIA H100 PCIe": {"bf16": 756 * _TF, "fp16": 756 * _TF, "tf32": 378 * _TF, "fp32": 51 * _TF},
+    "NVIDIA H100 NVL": {"bf16": 835 * _TF, "fp16": 835 * _TF, "tf32": 418 * _TF, "fp32": 60 * _TF},
+    "NVIDIA H200": {"bf16": 989 * _TF, "fp16": 989 * _TF, "tf32": 495 * _TF, "fp32": 67 * _TF},
+    "NVIDIA H200 NVL": {"bf16": 835 * _TF, "fp16": 835 * _TF, "tf32": 418 * _TF, "fp32": 60 * _TF},
+    "NVIDIA A100-SXM4-80GB": {"bf16": 312 * _TF, "fp16": 312 * _TF, "tf32": 156 * _TF, "fp32": 19.5 * _TF},
+    "NVIDIA A100-SXM4-40GB": {"bf16": 312 * _TF, "fp16": 312 * _TF, "tf32": 156 * _TF, "fp32": 19.5 * _TF},
+    "NVIDIA A100 80GB PCIe": {"bf16": 312 * _TF, "fp16": 312 * _TF, "tf32": 156 * _TF, "fp32": 19.5 * _TF},
+    "NVIDIA A100-PCIE-40GB": {"bf16": 312 * _TF, "fp16": 312 * _TF, "tf32": 156 * _TF, "fp32": 19.5 * _TF},
+    "NVIDIA L40S": {"bf16": 362 * _TF, "fp16": 362 * _TF, "tf32": 183 * _TF, "fp32": 91.6 * _TF},
+    "NVIDIA L40": {"bf16": 181 * _TF, "fp16": 181 * _TF, "tf32": 90.5 * _TF, "fp32": 90.5 * _TF},
+    "NVIDIA L4": {"bf16": 121 * _TF, "fp16": 121 * _TF, "tf32": 60 * _TF, "fp32": 30.3 * _TF},
+    "Tesla V100-SXM2-32GB": {"fp16": 125 * _TF, "fp32": 15.7 * _TF},
+    "Tesla V100-SXM2-16GB": {"fp16": 125 * _TF, "fp32": 15.7 * _TF},
+    "Tesla T4": {"fp16": 65 * _TF, "fp32": 8.1 * _TF},
+}
 
 
-def peak_flops(device: torch.device) -> float | None:
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Dense peak FLOP/s of ``device`` computing in ``dtype`` (fp32 counts TF32 when PyTorch allows it for
+    matmuls); None for CPUs and for GPUs not in the table, so no MFU is reported rather than a wrong one."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in _PEAK_BF16.items() if k in name), None)
+    peaks = _PEAKS.get(torch.cuda.get_device_name(device).strip())
+    if peaks is None:
+        return None
+    key = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    if key == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+        key = "tf32"
+    return peaks.get(key)
 
 
 def reconstruction_panel(imgs: torch.Tensor, pred_imgs: torch.Tensor, mask_imgs: torch.Tensor) -> np.ndarray:

@@ -217,7 +217,7 @@ class Trainer:
         data = self.batches()
         progress = Progress(cfg.train.max_steps, self.step)
         flops = self.task.flops_per_sample(self.model_cfg) * self.derived.global_batch
-        peak = peak_flops(self.device)
+        peak = peak_flops(self.device, self.engine.dtype)
         metrics: dict[str, float] = {}
         if self.step >= cfg.train.max_steps:
             logger.info("run already complete at step %d (train.max_steps=%d): exporting only", self.step,

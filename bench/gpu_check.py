@@ -1,0 +1,364 @@
+"""One-shot GPU check: what a CUDA node gives this code, in one process, written to one JSON and a short table.
+
+    bench/gpu_check.sh                 # on a GPU machine (≤ 8 min on one H100/H200)
+    bench/gpu_check.sh --cpu           # smoke run on the CPU: tiny sizes, CUDA-only sections skipped
+
+Sections (each guarded: a failure is recorded and the next section runs):
+  env       torch / CUDA / NCCL versions, device, native bf16
+  sdpa      which scaled_dot_product_attention kernel runs for the MAE encoder and decoder shapes (profiler)
+  model     ViT-B/16 96³ MAE train step, bf16: ours (bf16 weights as DeepSpeed trains, and autocast) vs MONAI's
+            MaskedAutoEncoderViT (autocast), at several batch sizes; FLOPs from torch's flop counter; MFU
+  engine    the same model in our DeepSpeed engine (ZeRO-2 bf16): step time and host syncs per step, with our
+            generated config and with DeepSpeed's throughput timer switched back on (the old config)
+  pinned    whether a non_blocking host-to-device copy of a batch overlaps (pinned) or blocks (pageable)
+  loader    crops/s of the resident crop path on the device vs the model's own consumption rate
+  train     a short pretraining run of the real trainer (DeepSpeed ZeRO-2 bf16, one process) on generated shards
+  compile   the model section's largest batch under torch.compile (bf16 weights): compile time and step time
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from medmae.io import write_json_atomic  # noqa: E402
+from medmae.models import create_model  # noqa: E402
+
+SECTIONS = ("env", "sdpa", "model", "engine", "pinned", "loader", "train", "compile")
+
+
+def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
+    """Median seconds of ``fn()`` over ``steps`` after ``warmup``; CUDA events on GPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def train_flops(model, x) -> float:
+    """FLOPs of one forward + backward, counted by torch (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        loss = model(x)[0]
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+# ---- sections ------------------------------------------------------------------------------------------------------
+
+
+def section_env(args, device):
+    out = {"torch": torch.__version__, "python": sys.version.split()[0], "cuda_available": torch.cuda.is_available()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        out.update(
+            device=torch.cuda.get_device_name(device),
+            capability=".".join(map(str, torch.cuda.get_device_capability())),
+            memory_gib=round(props.total_memory / 2**30, 1), multiprocessors=props.multi_processor_count,
+            cuda=torch.version.cuda, nccl=".".join(map(str, torch.cuda.nccl.version())),
+            bf16_native=torch.cuda.is_bf16_supported(including_emulation=False),
+            sdp_enabled={k: getattr(torch.backends.cuda, f"{k}_sdp_enabled")() for k in ("flash", "mem_efficient",
+                                                                                       "math", "cudnn")},
+        )
+    for mod in ("deepspeed", "monai", "timm", "webdataset", "zarr"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            out[mod] = f"missing: {type(e).__name__}"
+    try:
+        from medmae.training.logs import peak_flops
+
+        out["peak_bf16_tflops"] = (peak_flops(device, torch.bfloat16) or 0) / 1e12
+    except TypeError:  # older signature
+        pass
+    return out
+
+
+def _sdpa_kernels(shape, dtype, device):
+    from torch.profiler import ProfilerActivity, profile
+
+    from medmae.layers import Attention
+
+    b, n, d, heads = shape
+    attn = Attention(d, heads).to(device, dtype)
+    x = torch.randn(b, n, d, device=device, dtype=dtype, requires_grad=True)
+    attn(x).sum().backward()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        attn(x).sum().backward()
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    hits = [k for k in names if any(s in k.lower() for s in ("flash", "fmha", "efficient_attention", "cudnn", "sdpa",
+                                                                "attention", "softmax"))]
+    low = " ".join(hits).lower()
+    kind = ("flash" if "flash" in low else "cudnn" if "cudnn" in low else
+            "mem_efficient" if ("fmha" in low or "efficient" in low) else "math")
+    return {"kernel": kind, "kernels": sorted(set(h[:120] for h in hits))[:6]}
+
+
+def section_sdpa(args, device):
+    if device.type != "cuda":
+        return {"skipped": "no CUDA"}
+    b = args.batch[-1]
+    return {
+        "encoder (B, 55 tokens, 768, 12 heads) bf16": _sdpa_kernels((b, 55, 768, 12), torch.bfloat16, device),
+        "decoder (B, 217 tokens, 384, 12 heads) bf16": _sdpa_kernels((b, 217, 384, 12), torch.bfloat16, device),
+    }
+
+
+def _monai_mae(cfg, device):
+    from monai.networks.nets import MaskedAutoEncoderViT
+
+    return MaskedAutoEncoderViT(
+        in_channels=cfg.in_chans, img_size=cfg.img_size, patch_size=cfg.patch_size, hidden_size=cfg.embed_dim,
+        mlp_dim=int(cfg.embed_dim * cfg.mlp_ratio), num_layers=cfg.depth, num_heads=cfg.num_heads,
+        masking_ratio=cfg.mask_ratio, decoder_hidden_size=cfg.decoder_embed_dim,
+        decoder_mlp_dim=int(cfg.decoder_embed_dim * cfg.mlp_ratio), decoder_num_layers=cfg.decoder_depth,
+        decoder_num_heads=cfg.decoder_num_heads, qkv_bias=cfg.qkv_bias, spatial_dims=len(cfg.img_size),
+    ).to(device)
+
+
+def _step(model, x, autocast_dtype, loss_fn=None):
+    """One training step of ``model`` on ``x`` (loss: MAE's own unless ``loss_fn``) with fused AdamW."""
+    loss_fn = loss_fn or (lambda v: model(v)[0])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    ctx = (torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+
+    def step():
+        with ctx:
+            loss = loss_fn(x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def model_kwargs(args):
+    kw = {"img_size": (args.size,) * 3}
+    if args.tiny:
+        kw.update(embed_dim=96, depth=2, num_heads=3, decoder_embed_dim=48, decoder_depth=1, decoder_num_heads=3)
+    return kw
+
+
+def section_model(args, device):
+    from medmae.training.logs import peak_flops
+    from medmae.training.tasks import PretrainTask
+
+    bf16 = torch.bfloat16
+    peak = peak_flops(device, bf16) if device.type == "cuda" else None
+    out: dict = {"rows": []}
+    for b in args.batch:
+        torch.manual_seed(0)
+        ours = create_model("mae_vit_base_patch16_3d", **model_kwargs(args)).to(device)
+        cfg = ours.cfg
+        x = torch.randn(b, cfg.in_chans, *cfg.img_size, device=device)
+        flops = train_flops(ours, x)
+        formula = PretrainTask().flops_per_sample(cfg) * b
+        row = {"batch": b, "flops_per_sample_G": flops / b / 1e9, "formula_over_counter": formula / flops}
+        half = create_model("mae_vit_base_patch16_3d", **model_kwargs(args)).to(device, bf16)
+        row["ours_bf16_weights_s"] = timed(_step(half, x.to(bf16), None), args.steps,
+                                           args.warmup, device)
+        del half
+        row["ours_autocast_s"] = timed(_step(ours, x, bf16), args.steps, args.warmup, device)
+        ours.set_grad_checkpointing(True)
+        row["ours_autocast_ckpt_s"] = timed(_step(ours, x, bf16), args.steps, args.warmup, device)
+        ours.set_grad_checkpointing(False)
+        try:
+            ref = _monai_mae(cfg, device)
+
+            def ref_loss(v, ref=ref, ours=ours):
+                pred, mask = ref(v)
+                return (((pred.float() - ours.patchify(v)) ** 2).mean(-1) * mask).sum() / mask.sum()
+
+            row["monai_autocast_s"] = timed(_step(ref, x, bf16, ref_loss), args.steps, args.warmup, device)
+            row["speed_vs_monai"] = row["monai_autocast_s"] / row["ours_autocast_s"]
+            del ref
+        except Exception as e:  # noqa: BLE001
+            row["monai_autocast_s"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+        best = min(row["ours_bf16_weights_s"], row["ours_autocast_s"])
+        row["crops_per_s"] = b / best
+        if peak:
+            row["mfu"] = flops / best / peak
+        if device.type == "cuda":
+            row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)
+        out["rows"].append(row)
+        print(f"  model b={b}: {row}", flush=True)
+        del ours
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def _engine_run(args, device, b, timers: bool):
+    from medmae.distributed import DistributedConfig, create_engine
+    from medmae.distributed import engine as engine_mod
+    from medmae.training.optim import param_groups
+
+    build = engine_mod.build_deepspeed_config
+
+    def patched(*a, **k):
+        ds = build(*a, **k)
+        if timers:  # DeepSpeed's default: a synchronized throughput timer around every micro-step
+            ds.pop("timers", None)
+        return ds
+
+    engine_mod.build_deepspeed_config = patched
+    try:
+        torch.manual_seed(0)
+        model = create_model("mae_vit_base_patch16_3d", **model_kwargs(args))
+        cfg = DistributedConfig(num_workers=1, zero_stage=2, precision="bf16" if device.type == "cuda" else "auto")
+        eng = create_engine(model, param_groups(model, 0.05), cfg, micro_batch=b, grad_accum=1, grad_clip=1.0,
+                            lr=1e-4)
+    finally:
+        engine_mod.build_deepspeed_config = build
+    x = torch.randn(b, 1, *model.cfg.img_size, device=device, dtype=eng.dtype)
+
+    def step():
+        loss = eng(x)[0]
+        eng.backward(loss)
+        eng.step()
+
+    t = timed(step, args.steps, args.warmup, device)
+    syncs = None
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                step()
+        torch.cuda.synchronize()
+        syncs = sum(e.count for e in prof.key_averages() if e.key in ("cudaDeviceSynchronize",)) / 3
+    return {"step_s": t, "crops_per_s": b / t, "device_syncs_per_step": syncs}
+
+
+def section_engine(args, device):
+    b = args.batch[-1]
+    ours = _engine_run(args, device, b, timers=False)
+    old = _engine_run(args, device, b, timers=True)
+    return {"batch": b, "zero": 2, "ours": ours, "with_throughput_timer": old,
+            "timer_cost": old["step_s"] / ours["step_s"]}
+
+
+def section_pinned(args, device):
+    if device.type != "cuda":
+        return {"skipped": "no CUDA"}
+    b = args.batch[-1]
+    host = torch.randn(b, 1, args.size, args.size, args.size)
+    pinned = host.pin_memory()
+    out = {"bytes": host.numel() * host.element_size()}
+    for name, src in (("pageable", host), ("pinned", pinned)):
+        for _ in range(2):
+            src.to(device, non_blocking=True)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        y = src.to(device, non_blocking=True)
+        t_call = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        t_total = time.perf_counter() - t0
+        del y
+        out[name] = {"call_ms": t_call * 1e3, "copy_ms": t_total * 1e3, "gb_per_s": out["bytes"] / t_total / 1e9,
+                     "overlaps": t_call < 0.25 * t_total}
+    return out
+
+
+def section_loader(args, device):
+    try:
+        from medmae.data.resident import bench_resident  # the resident crop path (issue 12)
+    except ImportError:
+        return {"skipped": "no resident crop path in this checkout"}
+    return bench_resident(args, device)
+
+
+def section_train(args, device):
+    try:
+        from medmae.training.selfcheck import short_pretrain  # generated shards + the real trainer
+    except ImportError:
+        return {"skipped": "no self-check run in this checkout"}
+    with tempfile.TemporaryDirectory() as tmp:
+        return short_pretrain(Path(tmp), steps=args.train_steps, tiny=args.tiny, device=device)
+
+
+def section_compile(args, device):
+    if device.type != "cuda":
+        return {"skipped": "no CUDA"}
+    b = args.batch[-1]
+    torch.manual_seed(0)
+    model = create_model("mae_vit_base_patch16_3d", **model_kwargs(args)).to(device, torch.bfloat16)
+    x = torch.randn(b, 1, *model.cfg.img_size, device=device, dtype=torch.bfloat16)
+    eager = timed(_step(model, x, None), args.steps, args.warmup, device)
+    compiled = torch.compile(model)
+    t0 = time.perf_counter()
+    step = _step(compiled, x, None)
+    step()
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - t0
+    t = timed(step, args.steps, args.warmup, device)
+    return {"batch": b, "eager_s": eager, "compiled_s": t, "speedup": eager / t, "compile_s": compile_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"), help="folder for gpu_check.json")
+    ap.add_argument("--cpu", action="store_true", help="smoke run on the CPU with tiny sizes")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
+    ap.add_argument("--batch", type=int, nargs="+", default=[2, 32, 128], help="per-GPU batch sizes to time")
+    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--train-steps", type=int, default=100)
+    args = ap.parse_args()
+    args.tiny = args.cpu
+    if args.cpu:
+        args.batch, args.size, args.steps, args.warmup, args.train_steps = [2], 32, 2, 1, 6
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(device), "args": vars(args)}
+    out = Path(args.out)
+    name = "gpu_check.json" if device.type == "cuda" else "gpu_check_cpu.json"
+    for section in args.sections.split(","):
+        t0 = time.perf_counter()
+        print(f"== {section}", flush=True)
+        try:
+            results[section] = globals()[f"section_{section}"](args, device)
+        except Exception as e:  # noqa: BLE001 - one broken section must not cost the others
+            results[section] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+        results[section + "_seconds"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps(results[section], indent=1, default=str)[:3000], flush=True)
+        write_json_atomic(out / name, json.loads(json.dumps(results, default=str)))
+    failed = [s for s in args.sections.split(",") if isinstance(results.get(s), dict) and "error" in results[s]]
+    print(f"\nwrote {out / name}; sections failed: {failed or 'none'}")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
