@@ -20,8 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medmae.models import create_model  # noqa: E402
-from medmae.training.tasks import PretrainTask  # noqa: E402
+from medmae.models import create_model, train_flops_per_sample  # noqa: E402
 
 
 def monai_mae(cfg, device):
@@ -144,7 +143,7 @@ def run(device, dtype, args):
     if device.type == "cuda" and res["ours"]:
         from medmae.training.logs import peak_flops
 
-        flops = PretrainTask().flops_per_sample(cfg) * args.batch / res["ours"][0]
+        flops = train_flops_per_sample("mae_vit_base_patch16_3d", cfg) * args.batch / res["ours"][0]
         peak = peak_flops(device, dtype)
         print(f"  achieved {flops / 1e12:.1f} TFLOP/s" + (f", MFU {flops / peak:.1%}" if peak else ""))
     return res

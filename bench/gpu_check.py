@@ -168,8 +168,8 @@ def model_kwargs(args):
 
 
 def section_model(args, device):
+    from medmae.models import train_flops_per_sample
     from medmae.training.logs import peak_flops
-    from medmae.training.tasks import PretrainTask
 
     bf16 = torch.bfloat16
     peak = peak_flops(device, bf16) if device.type == "cuda" else None
@@ -180,8 +180,8 @@ def section_model(args, device):
         cfg = ours.cfg
         x = torch.randn(b, cfg.in_chans, *cfg.img_size, device=device)
         flops = train_flops(ours, x)
-        formula = PretrainTask().flops_per_sample(cfg) * b
-        row = {"batch": b, "flops_per_sample_G": flops / b / 1e9, "formula_over_counter": formula / flops}
+        meta = train_flops_per_sample("mae_vit_base_patch16_3d", cfg) * b  # what the trainer's MFU uses
+        row = {"batch": b, "flops_per_sample_G": flops / b / 1e9, "meta_count_over_device_count": meta / flops}
         half = create_model("mae_vit_base_patch16_3d", **model_kwargs(args)).to(device, bf16)
         row["ours_bf16_weights_s"] = timed(_step(half, x.to(bf16), None), args.steps,
                                            args.warmup, device)
@@ -220,7 +220,8 @@ def section_model(args, device):
 def _engine_run(args, device, b, timers: bool):
     from medmae.distributed import DistributedConfig, create_engine
     from medmae.distributed import engine as engine_mod
-    from medmae.training.optim import param_groups
+    from medmae.training.config import OptimConfig
+    from medmae.training.optim import build_optimizer
 
     build = engine_mod.build_deepspeed_config
 
@@ -235,8 +236,8 @@ def _engine_run(args, device, b, timers: bool):
         torch.manual_seed(0)
         model = create_model("mae_vit_base_patch16_3d", **model_kwargs(args))
         cfg = DistributedConfig(num_workers=1, zero_stage=2, precision="bf16" if device.type == "cuda" else "auto")
-        eng = create_engine(model, param_groups(model, 0.05), cfg, micro_batch=b, grad_accum=1, grad_clip=1.0,
-                            lr=1e-4)
+        eng = create_engine(model, build_optimizer(model, OptimConfig(), 1e-4, device.type), cfg, micro_batch=b,
+                            grad_accum=1, grad_clip=1.0)
     finally:
         engine_mod.build_deepspeed_config = build
     x = torch.randn(b, 1, *model.cfg.img_size, device=device, dtype=eng.dtype)

@@ -1,30 +1,48 @@
 """Atomic file writes: a temporary name in the same folder, then ``os.replace``, so no reader ever sees half a file
-and a crash leaves the previous version in place."""
+and a crash leaves the previous version in place. Every file medmae produces goes through here."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+__all__ = ["atomic_path", "atomic_write_bytes", "is_url", "write_json_atomic"]
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+
+def is_url(path: str | os.PathLike) -> bool:
+    """``s3://bucket/x``, ``gs://...``, ``file:///...``: an fsspec URL rather than a local path."""
+    return "://" in str(path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` (same suffix, for writers that pick the format by it) that replaces ``path``
+    when the block ends without an error; removed otherwise."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    suffix = "".join(path.suffixes[-2:])  # .nii.gz keeps both parts
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def write_json_atomic(path: str | os.PathLike, payload: Any, lines: bool = False) -> Path:

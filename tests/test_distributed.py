@@ -15,7 +15,7 @@ from torch import nn
 
 from medmae.config import from_dict
 from medmae.distributed import DistributedConfig
-from medmae.distributed.deepspeed_config import build_deepspeed_config, grad_accum_for, resolve_precision
+from medmae.distributed.deepspeed_config import build_deepspeed_config, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,13 +85,6 @@ def test_precision_auto_and_fp16_on_cuda():
     assert resolve_precision("fp32", "cpu") == "fp32"
 
 
-def test_grad_accum_for_keeps_global_batch():
-    assert grad_accum_for(256, 4, 32) == 2
-    assert grad_accum_for(8, 4, 1) == 2 and grad_accum_for(8, 4, 2) == 1
-    with pytest.raises(ValueError, match="not divisible"):
-        grad_accum_for(10, 4, 2)
-
-
 # -- real engines -----------------------------------------------------------------------------------------------------
 
 
@@ -118,8 +111,9 @@ def test_single_process_engine_trains_saves_and_loads(tmp_path, monkeypatch, sta
         monkeypatch.delenv(var, raising=False)
     torch.manual_seed(0)
     model = TinyNet()
-    engine = create_engine(model, None, DistributedConfig(zero_stage=stage, precision="fp32"), micro_batch=4,
-                           grad_accum=2, grad_clip=1.0, lr=3e-2)
+    engine = create_engine(model, torch.optim.AdamW(model.parameters(), lr=3e-2),
+                           DistributedConfig(zero_stage=stage, precision="fp32"), micro_batch=4, grad_accum=2,
+                           grad_clip=1.0)
     assert (engine.rank, engine.world_size, engine.device.type) == (0, 1, "cpu")
     x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
     y = x.sum(1, keepdim=True)
@@ -159,13 +153,15 @@ _TORCHRUN_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 from test_distributed import TinyNet
-from medmae.distributed import DistributedConfig, create_engine, grad_accum_for
+from medmae.distributed import DistributedConfig, create_engine
 
 mode, stage, precision, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 torch.manual_seed(0)
 world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
-engine = create_engine(TinyNet(), None, DistributedConfig(zero_stage=stage, precision=precision), micro_batch=4,
-                       grad_accum=grad_accum_for(8, 4, world), grad_clip=1.0, lr=1e-2)
+model = TinyNet()
+engine = create_engine(model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+                       DistributedConfig(zero_stage=stage, precision=precision), micro_batch=4,
+                       grad_accum=8 // (4 * world), grad_clip=1.0)
 x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
 y = x.sum(1, keepdim=True)
 

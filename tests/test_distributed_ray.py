@@ -33,7 +33,6 @@ def toy_train(config: dict) -> None:
         DistributedConfig,
         checkpoint_dir,
         create_engine,
-        grad_accum_for,
         latest_checkpoint_dir,
         report,
         world_info,
@@ -43,9 +42,10 @@ def toy_train(config: dict) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
     micro = 4
-    accum = grad_accum_for(8, micro, world)
-    engine = create_engine(model, None, DistributedConfig(zero_stage=config["zero_stage"], precision="fp32"),
-                           micro_batch=micro, grad_accum=accum, grad_clip=1.0, lr=3e-2)
+    accum = 8 // (micro * world)
+    engine = create_engine(model, torch.optim.AdamW(model.parameters(), lr=3e-2),
+                           DistributedConfig(zero_stage=config["zero_stage"], precision="fp32"),
+                           micro_batch=micro, grad_accum=accum, grad_clip=1.0)
     start = 0
     ckpt = latest_checkpoint_dir()
     if ckpt is not None:

@@ -60,7 +60,7 @@ def test_unetr_learns_an_easy_segmentation(tmp_path, seg_shards):
     assert set(best["dice"]) == set(best["hd95"]) and len(best["dice"]) == 2  # background excluded
     assert np.isfinite(best["mean_hd95"]) and best["volumes"] == 2
     for name in ("best_model.safetensors", "model.safetensors"):
-        from medmae.inference.export import load_finetuned
+        from medmae.models import load_finetuned
 
         model, meta = load_finetuned(run / name)
         assert meta["task"] == "segment" and meta["num_classes"] == 3

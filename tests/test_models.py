@@ -139,7 +139,8 @@ def test_checkpointed_and_plain_blocks_give_the_same_gradients(name):
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        model = create_model(name, grad_checkpointing=ckpt)
+        model = create_model(name)
+        model.set_grad_checkpointing(ckpt)
         x = _input(model)
         torch.manual_seed(1)  # same mask draw in both runs
         out = model(x)

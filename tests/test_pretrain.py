@@ -96,10 +96,12 @@ def test_two_workers_pretrain_loss_falls_and_writes_everything(ray_session, tmp_
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
-def test_killed_worker_restarts_from_checkpoint_and_rerun_resumes(ray_session, tmp_path, shards):
+def test_killed_worker_restarts_from_checkpoint_and_rerun_resumes(ray_session, tmp_path, shards, monkeypatch):
     cfg = _config(tmp_path, shards, "run.name=fault", "train.max_steps=10", "run.checkpoint_every=4",
-                  "run.fail_at_step=6", "dist.max_failures=1", "run.image_every=0")
+                  "dist.max_failures=1", "run.image_every=0")
+    monkeypatch.setenv("MEDMAE_TEST_FAIL_AT_STEP", "6")  # forwarded to the Ray workers like NCCL_* settings
     result = _pretrain(cfg)
+    monkeypatch.delenv("MEDMAE_TEST_FAIL_AT_STEP")
     assert result.error is None and result.metrics["step"] == 10
     assert (Path(cfg.run.output_dir) / "fault" / ".fail_injected").read_text() == "6"
     steps = [m["step"] for m in _metrics(cfg)]

@@ -162,9 +162,10 @@ def test_debug_sweep_writes_the_report(ray_session, tmp_path, assets):
 
 
 @pytest.mark.slow
-def test_killed_worker_restarts_its_trial_from_the_checkpoint(ray_session, tmp_path, assets):
+def test_killed_worker_restarts_its_trial_from_the_checkpoint(ray_session, tmp_path, assets, monkeypatch):
+    monkeypatch.setenv("MEDMAE_TEST_FAIL_AT_STEP", "6")  # the sweep forwards MEDMAE_* to every trial's workers
     cfg = _sweep_cfg(tmp_path, assets, "name=fault", "grid.init=[scratch]", "grid.train_fraction=[1.0]",
-                     "overrides.run.fail_at_step=6", "overrides.run.val_every=0", "resources.max_failures=1")
+                     "overrides.run.val_every=0", "resources.max_failures=1")
     paths = _run(cfg)
     run = paths["csv"].parent / "trials" / "scratch-f1-lr3e-3-s0"
     assert [r["status"] for r in _rows(paths["csv"])] == ["done"]

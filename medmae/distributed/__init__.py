@@ -1,6 +1,7 @@
 """Distributed glue: the only part of medmae that imports Ray and DeepSpeed.
 
 - ``config``: :class:`DistributedConfig` (plain dataclass, no heavy imports).
+- ``collectives``: sum / mean / gather over ranks, no-ops in a world of one (torch only).
 - ``deepspeed_config``: the DeepSpeed JSON generated from it, batch arithmetic, device/precision resolution.
 - ``engine``: :class:`Engine` / :func:`create_engine` around ``deepspeed.initialize``; checkpoints that resume on any
   worker count.
@@ -14,12 +15,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from medmae.distributed.collectives import all_gather_objects, all_reduce_sum, barrier, mean_over_ranks
 from medmae.distributed.config import DistributedConfig
 
 _LAZY = {
-    "adamw_kwargs": "deepspeed_config",
     "build_deepspeed_config": "deepspeed_config",
-    "grad_accum_for": "deepspeed_config",
     "resolve_device": "deepspeed_config",
     "resolve_precision": "deepspeed_config",
     "Engine": "engine",
@@ -27,6 +27,7 @@ _LAZY = {
     "init_process_group": "engine",
     "checkpoint_dir": "ray_launch",
     "ensure_ray": "ray_launch",
+    "forwarded_env": "ray_launch",
     "in_ray_worker": "ray_launch",
     "latest_checkpoint_dir": "ray_launch",
     "report": "ray_launch",
@@ -34,7 +35,7 @@ _LAZY = {
     "world_info": "ray_launch",
 }
 
-__all__ = ["DistributedConfig", *_LAZY]
+__all__ = ["DistributedConfig", "all_gather_objects", "all_reduce_sum", "barrier", "mean_over_ranks", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

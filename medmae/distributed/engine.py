@@ -28,7 +28,6 @@ from torch import nn
 
 from medmae.distributed.config import DistributedConfig
 from medmae.distributed.deepspeed_config import (
-    adamw_kwargs,
     build_deepspeed_config,
     resolve_backend,
     resolve_device,
@@ -271,14 +270,11 @@ class _UniversalArgs:
         self.inject_missing_state = False
 
 
-def create_engine(model: nn.Module, param_groups: list[dict[str, Any]] | None, cfg: DistributedConfig, *,
-                  micro_batch: int, grad_accum: int, grad_clip: float, lr: float,
-                  betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.05) -> Engine:
-    """Start (or reuse) the process group, build a torch AdamW over ``param_groups`` and wrap both in DeepSpeed.
-
-    ``param_groups`` are torch optimizer groups (``params``, optional ``weight_decay`` and ``lr_scale``); None means
-    one group of all trainable parameters. ``lr`` is the starting learning rate; set it each step with ``set_lr``.
-    """
+def create_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DistributedConfig, *,
+                  micro_batch: int, grad_accum: int, grad_clip: float) -> Engine:
+    """Start (or reuse) the process group, move ``model`` to this rank's device and wrap it and ``optimizer`` (a
+    torch optimizer over its parameters, groups optionally carrying ``lr_scale``) in DeepSpeed. The learning rate
+    is ours to set each step with ``set_lr``."""
     deepspeed = import_deepspeed()
     rank, world_size = init_process_group(cfg.backend)
     device = resolve_device()
@@ -287,11 +283,7 @@ def create_engine(model: nn.Module, param_groups: list[dict[str, Any]] | None, c
     precision = resolve_precision(cfg.precision, device.type)
     ds_config = build_deepspeed_config(cfg, micro_batch=micro_batch, grad_accum=grad_accum, world_size=world_size,
                                        grad_clip=grad_clip, device_type=device.type)
-    if param_groups is None:
-        param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    model = model.to(device)
-    optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=betas, weight_decay=weight_decay,
-                                  **adamw_kwargs(device.type))
+    model = model.to(device)  # moves parameter data in place: the optimizer's references stay valid
     ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if rank == 0:
         logger.info("DeepSpeed engine: %d workers, ZeRO-%d, %s, micro batch %d x accum %d x %d = %d, device %s",

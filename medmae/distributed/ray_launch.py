@@ -32,14 +32,23 @@ import torch
 
 from medmae.distributed.config import DistributedConfig
 from medmae.distributed.deepspeed_config import resolve_backend
+from medmae.io import is_url
 
-__all__ = ["checkpoint_dir", "ensure_ray", "in_ray_worker", "latest_checkpoint_dir", "report", "run_ray",
-           "world_info"]
+__all__ = ["checkpoint_dir", "ensure_ray", "forwarded_env", "in_ray_worker", "latest_checkpoint_dir", "report",
+           "run_ray", "world_info"]
 
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 COMPLETE_MARKER = "medmae_dist.json"  # written by Engine.save on rank 0 after every rank's shard is on disk
+# Variables the launching shell sets for the workers: NCCL / libfabric (EFA) tuning, and medmae's own.
+FORWARDED_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "FI_", "MEDMAE_")
+
+
+def forwarded_env() -> dict[str, str]:
+    """This process's ``NCCL_*``, ``TORCH_NCCL_*``, ``FI_*`` and ``MEDMAE_*`` variables, for the Ray workers: a
+    worker's environment is its raylet's, not the shell's that ran the launcher."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
 
 
 def in_ray_worker() -> bool:
@@ -131,6 +140,9 @@ def _has_marker(path: Path) -> bool:
     return any((sub / COMPLETE_MARKER).is_file() for sub in path.iterdir() if sub.is_dir())
 
 
+_STARTED_LOCALLY = False  # whether ensure_ray started a private Ray (which has no autoscaler to add GPU nodes)
+
+
 def ensure_ray(**init_kwargs: Any) -> None:
     """Join the running Ray: this process's, ``RAY_ADDRESS``'s, or a local ``ray start`` cluster; else start one.
 
@@ -138,6 +150,7 @@ def ensure_ray(**init_kwargs: Any) -> None:
 
     ``init_kwargs`` apply only when a new local Ray is started (e.g. ``num_cpus``, ``object_store_memory``).
     """
+    global _STARTED_LOCALLY
     import ray
 
     if ray.is_initialized():
@@ -155,16 +168,32 @@ def ensure_ray(**init_kwargs: Any) -> None:
             pass
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(**{"include_dashboard": False, **init_kwargs})
+    _STARTED_LOCALLY = True
     logger.info("started a local Ray: %s", ray.cluster_resources())
 
 
+def _use_gpu(setting: str) -> bool:
+    """``yes`` asks Ray for a GPU per worker even when no GPU node is up yet: an autoscaling cluster adds GPU nodes
+    for such requests (GPU node types usually have ``min_workers: 0``). ``auto`` uses GPUs when the cluster has
+    some now. Only a Ray this process started itself is known to have no way to get GPUs."""
+    import ray
+
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    if setting == "yes" and not has_gpus:
+        if _STARTED_LOCALLY:
+            raise ValueError("dist.use_gpu: 'yes' but this machine has no GPU (a local Ray was started here)")
+        logger.warning("dist.use_gpu: 'yes' and no GPU node is up yet: the workers wait for the autoscaler to add "
+                       "GPU nodes")
+    return setting == "yes" or (setting == "auto" and has_gpus)
+
+
 def _storage_path(path: str) -> str:
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+    return path if is_url(path) else str(Path(path).expanduser().resolve())
 
 
 def run_ray(train_fn: Callable[[dict], None], train_fn_config: dict[str, Any], cfg: DistributedConfig, *,
             run_name: str, keep_checkpoints: int | None = None, ray_init_kwargs: dict[str, Any] | None = None,
-            callbacks: list[Any] | None = None) -> Any:
+            callbacks: list[Any] | None = None, env: dict[str, str] | None = None) -> Any:
     """Run ``train_fn(train_fn_config)`` on ``cfg.num_workers`` Ray Train workers; returns the ``ray.train.Result``.
 
     A run name that already exists under ``cfg.storage_path`` resumes from its last reported checkpoint. Raises
@@ -172,20 +201,17 @@ def run_ray(train_fn: Callable[[dict], None], train_fn_config: dict[str, Any], c
     ``keep_checkpoints`` keeps only that many of the newest checkpoints in storage (None keeps all).
     ``callbacks``: Ray Train callbacks, e.g. one forwarding reports to Ray Tune when this runs inside a Tune trial
     (a Tune function trainable may call ``run_ray``: Ray is already initialised there and is reused).
+    ``env``: variables for the workers, on top of :func:`forwarded_env` of this process.
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ensure_ray(**(ray_init_kwargs or {}))
-    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    if cfg.use_gpu == "yes" and not has_gpus:
-        raise ValueError("use_gpu: 'yes' but the Ray cluster has no GPUs")
-    use_gpu = cfg.use_gpu == "yes" or (cfg.use_gpu == "auto" and has_gpus)
+    use_gpu = _use_gpu(cfg.use_gpu)
     backend = resolve_backend(cfg.backend, "cuda" if use_gpu else "cpu")
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     workers = (cfg.min_workers, cfg.num_workers) if cfg.elastic else cfg.num_workers
-    env = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
+    env = {**forwarded_env(), **(env or {}), **({} if use_gpu else {"DS_ACCELERATOR": "cpu"})}
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=train_fn_config,

@@ -1,10 +1,11 @@
-"""Fine-tuned model files and prediction on raw image files (command line: ``tools/predict.py``)."""
+"""Prediction on raw image files with a fine-tuned model file (command line: ``tools/predict.py``).
 
-from medmae.inference.export import TASKS, load_finetuned, read_finetuned_meta, resolve_checkpoint, save_finetuned
+The model file format itself lives in :mod:`medmae.models.model_file`; it is re-exported here for convenience."""
+
 from medmae.inference.predict import Predictor, PredictResult, logits_to_labels, predict_paths
+from medmae.models.model_file import load_finetuned, read_finetuned_meta, resolve_checkpoint, save_finetuned
 
 __all__ = [
-    "TASKS",
     "PredictResult",
     "Predictor",
     "load_finetuned",

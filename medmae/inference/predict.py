@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from medmae.data.convert.options import SampleError
-from medmae.data.labels import regions_to_brats
-from medmae.inference.export import load_finetuned, resolve_checkpoint
 from medmae.inference.geometry import load_and_preprocess, options_from_preprocessing, restore_geometry
 from medmae.inference.volume_io import list_inputs, output_name, write_label
+from medmae.io import atomic_write_bytes
+from medmae.models import load_finetuned, resolve_checkpoint
+from medmae.tasks import task_for_file_kind
 
 __all__ = ["Predictor", "PredictResult", "logits_to_labels", "predict_paths"]
 
@@ -30,13 +31,8 @@ log = logging.getLogger(__name__)
 
 
 def logits_to_labels(logits: torch.Tensor, task: str) -> np.ndarray:
-    """``(K, *S)`` logits -> uint8 ``(*S)`` labels: argmax for ``segment``; for ``segment_regions`` sigmoid > 0.5
-    (logit > 0) per WT/TC/ET region, mapped back to MSD BraTS labels (3 in ET, else 2 in TC, else 1 in WT)."""
-    if task == "segment":
-        return logits.argmax(dim=0).to(torch.uint8).cpu().numpy()
-    if task == "segment_regions":
-        return regions_to_brats((logits > 0).cpu().numpy())
-    raise ValueError(f"task {task!r} has no label volume")
+    """``(K, *S)`` logits -> the uint8 ``(*S)`` label volume the model file's task writes (see its task spec)."""
+    return task_for_file_kind(task).labels_from_logits(task, logits)
 
 
 class Predictor:
@@ -60,6 +56,7 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.meta = meta
         self.task: str = meta["task"]
+        self.spec = task_for_file_kind(self.task)
         self.opts = options_from_preprocessing(meta["preprocessing"])
         self.channels: int = meta["model_config"]["in_chans"]
         self.roi_size = tuple(meta["roi_size"])
@@ -91,8 +88,8 @@ class Predictor:
 
     def predict_file(self, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         """An image file -> (uint8 label volume on the file's own grid, the file's RAS affine)."""
-        if self.task == "classify":
-            raise ValueError("a classification model gives probabilities: use predict_probabilities")
+        if self.spec.writes_table:
+            raise ValueError(f"a {self.task} model gives one score per label: use predict_probabilities")
         image, geometry, affine = load_and_preprocess(str(path), self.opts, self.channels)
         labels = logits_to_labels(self.logits(image), self.task)
         return restore_geometry(labels, geometry), affine
@@ -150,11 +147,7 @@ def _write_table(rows: dict[str, np.ndarray], names: list[str], out: Path) -> Pa
         w.writerow(["input", *names])
         w.writerows([k, *(f"{p:.6f}" for p in v)] for k, v in rows.items())
         text = buf.getvalue()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
-    tmp.write_text(text)
-    os.replace(tmp, out)
-    return out
+    return atomic_write_bytes(out, text.encode())
 
 
 def predict_paths(
@@ -171,7 +164,7 @@ def predict_paths(
     """
     inputs, output = list_inputs(input_path), Path(output)
     result = PredictResult()
-    if predictor.task == "classify":
+    if predictor.spec.writes_table:
         table = output if output.suffix.lower() in (".csv", ".json") else output / "predictions.csv"
         _refuse_inputs([table], inputs)
         names = predictor.meta["label_names"] or [f"class_{i}" for i in range(predictor.meta["num_classes"])]

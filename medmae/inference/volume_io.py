@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from medmae.data.convert.sources import IMAGE_SUFFIXES
+from medmae.io import atomic_path
 
 __all__ = ["list_inputs", "output_name", "write_label", "is_image_path"]
 
@@ -65,19 +66,13 @@ def write_label(label: np.ndarray, affine: np.ndarray, source: Path, out: Path) 
     NIfTI out of a NIfTI source keeps the source's header and affine; other formats get the geometry from the
     source's RAS ``affine`` (ITK for NRRD/MHA/..., nibabel for NIfTI).
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")  # keeps the suffix: both writers pick the format by it
-    try:
+    if not out.name.lower().endswith(_NIFTI) and _suffix(out.name) not in _ITK_OUT:
+        raise ValueError(f"{out}: cannot write labels as {_suffix(out.name) or 'a file without a known suffix'}")
+    with atomic_path(out) as tmp:  # keeps the suffix: both writers pick the format by it
         if out.name.lower().endswith(_NIFTI):
             _write_nifti(label, affine, source, tmp)
-        elif _suffix(out.name) in _ITK_OUT:
-            _write_itk(label, affine, tmp)
         else:
-            raise ValueError(f"{out}: cannot write labels as {_suffix(out.name) or 'a file without a known suffix'}")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+            _write_itk(label, affine, tmp)
     return out
 
 

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from medmae.models.vit import VisionTransformer, ViTConfig
+from medmae.models.vit import EncoderModel, VisionTransformer, ViTConfig
 
 
 @dataclass
@@ -28,7 +28,7 @@ class ClassifierConfig(ViTConfig):
             raise ValueError("global_pool: 'token' needs cls_token: true")
 
 
-class ViTClassifier(nn.Module):
+class ViTClassifier(EncoderModel):
     def __init__(self, cfg: ClassifierConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -38,12 +38,6 @@ class ViTClassifier(nn.Module):
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE fine-tuning: a near-zero head keeps early steps calm
         nn.init.zeros_(self.head.bias)
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens ``(B, prefix + L, D)`` -> logits ``(B, K)``."""

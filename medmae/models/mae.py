@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from medmae.layers import Block, PosEmbed, patchify, unpatchify
-from medmae.models.vit import VisionTransformer, ViTConfig, init_linear_and_norm
+from medmae.models.vit import EncoderModel, VisionTransformer, ViTConfig, init_linear_and_norm
 
 
 @dataclass
@@ -73,7 +73,7 @@ class MAEDecoder(nn.Module):
         )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, math.prod(cfg.patch) * cfg.in_chans)
-        self.grad_checkpointing = cfg.grad_checkpointing
+        self.grad_checkpointing = False
 
     def init_weights(self) -> None:
         self.pos_embed.reset_parameters()
@@ -92,7 +92,7 @@ class MAEDecoder(nn.Module):
         return x[:, self.num_prefix_tokens :]  # (B, L, prod(p)·C)
 
 
-class MaskedAutoencoderViT(nn.Module):
+class MaskedAutoencoderViT(EncoderModel):
     def __init__(self, cfg: MAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -105,11 +105,11 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder.init_weights()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
+        super().set_grad_checkpointing(enable)
         self.decoder.grad_checkpointing = enable
 
     def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"decoder.mask_token.token"}
+        return super().no_weight_decay() | {"decoder.mask_token.token"}
 
     # ---- stages ---------------------------------------------------------------------------------------------------
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:

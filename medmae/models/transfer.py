@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
+from medmae.io import atomic_write_bytes
 from medmae.layers import interpolate_pos_embed
 
 ENCODER_PREFIX = "encoder."
@@ -34,14 +34,9 @@ def encoder_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_encoder(state: dict[str, torch.Tensor], encoder_config: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write encoder weights as consolidated fp32 safetensors with the config as metadata, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in encoder_weights(state).items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    save_file(tensors, tmp, metadata={"format": "pt", "medmae_encoder_config": json.dumps(encoder_config)})
-    os.replace(tmp, path)
-    return path
+    metadata = {"format": "pt", "medmae_encoder_config": json.dumps(encoder_config)}
+    return atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def read_encoder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -54,7 +49,9 @@ def read_encoder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         weights = {k: f.get_tensor(k) for k in f.keys()}
     if "medmae_encoder_config" not in meta:
         raise ValueError(f"{path} has no medmae encoder config in its metadata; was it written by save_encoder?")
-    return weights, json.loads(meta["medmae_encoder_config"])
+    config = json.loads(meta["medmae_encoder_config"])
+    config.pop("grad_checkpointing", None)  # a runtime switch that files before 0.2 recorded as architecture
+    return weights, config
 
 
 def _source_grid(weights: dict[str, torch.Tensor], source_cfg: dict[str, Any] | None, ndim: int) -> tuple[int, ...]:

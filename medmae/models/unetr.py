@@ -16,7 +16,7 @@ from monai.networks.blocks.dynunet_block import UnetOutBlock
 from monai.networks.blocks.unetr_block import UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import nn
 
-from medmae.models.vit import VisionTransformer, ViTConfig
+from medmae.models.vit import EncoderModel, VisionTransformer, ViTConfig
 
 
 @dataclass
@@ -53,7 +53,7 @@ class UNETRConfig(ViTConfig):
             raise ValueError("num_classes/feature_size: must be positive")
 
 
-class UNETR(nn.Module):
+class UNETR(EncoderModel):
     def __init__(self, cfg: UNETRConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -85,12 +85,6 @@ class UNETR(nn.Module):
             for j in range(levels)
         )
         self.head = UnetOutBlock(spatial_dims=nd, in_channels=fs, out_channels=cfg.num_classes)
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enable)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, *S)`` -> logits ``(B, K, *S)``."""

@@ -43,8 +43,6 @@ class ViTConfig:
     """fixed sin-cos (MAE) or learned position embeddings"""
     cls_token: bool = True
     """prepend a learnable cls token"""
-    grad_checkpointing: bool = False
-    """recompute each block in backward (non-reentrant) to save activation memory"""
 
     def __post_init__(self) -> None:
         self.img_size = tuple(self.img_size)
@@ -72,6 +70,11 @@ class ViTConfig:
     def grid_size(self) -> tuple[int, ...]:
         return tuple(s // self.patch_size for s in self.img_size)
 
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens per sample (prefix tokens not counted)."""
+        return math.prod(self.grid_size)
+
     def encoder_dict(self) -> dict:
         """Only the encoder's fields: what a model built on this encoder must agree on to take its weights."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(ViTConfig)}
@@ -86,12 +89,12 @@ class VisionTransformer(nn.Module):
         self.pos_embed = PosEmbed(cfg.embed_dim, self.patch_embed.grid_size, learnable=cfg.pos_embed == "learned")
         self.num_prefix_tokens = 1 if cfg.cls_token else 0
         self.cls_token = PrefixTokens(1, cfg.embed_dim) if cfg.cls_token else None
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # no tensor: meta-safe
         self.blocks = nn.ModuleList(
             Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, drop_path=dpr[i]) for i in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
-        self.grad_checkpointing = cfg.grad_checkpointing
+        self.grad_checkpointing = False  # a runtime switch (set_grad_checkpointing), not part of the architecture
         self.init_weights()
 
     # ---- initialisation -------------------------------------------------------------------------------------------
@@ -116,11 +119,16 @@ class VisionTransformer(nn.Module):
         return names & {"pos_embed.weight", "cls_token.tokens"}
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        """Parameter-name regexes -> layer ids for layer-wise lr decay (timm's ``param_groups_layer_decay``)."""
+    def group_matcher(self, coarse: bool = False, prefix: str = "") -> dict:
+        r"""Parameter-name regexes -> layer ids for layer-wise lr decay (timm's ``param_groups_layer_decay``).
+
+        ``prefix`` (e.g. ``r"encoder\."``) matches the encoder's parameters inside a larger model, whose own
+        ``group_matcher`` delegates here; unmatched parameters (decoder, heads) form the last group.
+        """
+        p = f"^{prefix}"
         return {
-            "stem": r"^cls_token|^pos_embed|^patch_embed",
-            "blocks": r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+            "stem": rf"{p}cls_token|{p}pos_embed|{p}patch_embed",
+            "blocks": rf"{p}blocks\.(\d+)" if coarse else [(rf"{p}blocks\.(\d+)", None), (rf"{p}norm", (99999,))],
         }
 
     @torch.jit.ignore
@@ -196,6 +204,23 @@ class VisionTransformer(nn.Module):
         return self.forward_features(x)
 
 
+class EncoderModel(nn.Module):
+    """A model built around ``self.encoder`` (MAE, UNETR, classifier): the timm optimizer/checkpointing interface
+    delegates to the encoder, whose layers drive layer-wise lr decay; everything else is the last layer."""
+
+    encoder: VisionTransformer
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        # Always the coarse form: the encoder's final norm then shares the heads' full lr, as in MAE's fine-tuning.
+        return self.encoder.group_matcher(coarse=True, prefix=r"encoder\.")
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+
+
 def init_linear_and_norm(m: nn.Module) -> None:
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
@@ -204,7 +229,3 @@ def init_linear_and_norm(m: nn.Module) -> None:
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
-
-
-def num_tokens(cfg: ViTConfig) -> int:
-    return math.prod(cfg.grid_size)

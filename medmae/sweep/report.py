@@ -27,7 +27,6 @@ __all__ = ["collect_rows", "read_trial_status", "write_report"]
 logger = logging.getLogger(__name__)
 
 TRIAL_FILE = "trial.json"
-METRIC_NAMES = {"segment": "Dice", "classify": "AUC"}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -51,9 +50,9 @@ def collect_rows(trials_dir: Path, specs: Iterable[TrialSpec]) -> list[dict[str,
         results = _read_json(run_dir / "results.json") or {}
         best = results.get("best") or {}
         row: dict[str, Any] = {"trial": spec.name, **spec.params(), "status": status["status"],
-                               "best_step": best.get("step"), "metric": METRIC_NAMES.get(results.get("task"), ""),
+                               "best_step": best.get("step"), "metric": results.get("metric", ""),
                                "score": best.get("score"), "wall_time_s": status.get("wall_time_s")}
-        for group in ("dice", "hd95", "auc"):
+        for group in results.get("metric_groups", ()):
             row.update({f"{group}/{k}": v for k, v in (best.get(group) or {}).items()})
         if "mean_hd95" in best:
             row["mean_hd95"] = best["mean_hd95"]

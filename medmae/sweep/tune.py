@@ -29,7 +29,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from medmae.config import from_dict, save_config
-from medmae.distributed import DistributedConfig, ensure_ray, run_ray
+from medmae.distributed import DistributedConfig, ensure_ray, forwarded_env, run_ray
 from medmae.io import write_json_atomic
 from medmae.sweep.config import SweepConfig
 from medmae.sweep.grid import expand_grid, sweep_dir, trial_jobs
@@ -55,8 +55,11 @@ class ValidationToTune(TuneReportCallback):
             super().after_report(run_context, metrics, checkpoint)
 
 
-def run_trial(config: dict[str, Any], jobs: dict[str, dict[str, Any]]) -> None:
-    """Tune function trainable: fine-tune trial ``config["trial"]`` on its own Ray Train workers."""
+def run_trial(config: dict[str, Any], jobs: dict[str, dict[str, Any]], env: dict[str, str] | None = None) -> None:
+    """Tune function trainable: fine-tune trial ``config["trial"]`` on its own Ray Train workers.
+
+    ``env``: the sweep driver's forwarded variables (NCCL, EFA, medmae's own): the trial actor does not inherit the
+    driver's shell, so they travel with the trial and on to its workers."""
     name = config["trial"]
     job = jobs[name]
     run_dir = Path(job["run"]["output_dir"]) / name
@@ -67,7 +70,7 @@ def run_trial(config: dict[str, Any], jobs: dict[str, dict[str, Any]]) -> None:
     status: dict[str, Any] = {"trial": name, "status": "done"}
     try:
         run_ray(train_worker, {"config": job}, from_dict(DistributedConfig, job["dist"]), run_name=name,
-                keep_checkpoints=job["run"]["keep_last"], callbacks=[ValidationToTune()])
+                keep_checkpoints=job["run"]["keep_last"], callbacks=[ValidationToTune()], env=env)
     except Exception as e:
         status = {"trial": name, "status": "failed", "error": f"{type(e).__name__}: {e}"[:4000]}
         raise
@@ -151,7 +154,8 @@ def run_sweep(cfg: SweepConfig, ray_init_kwargs: dict[str, Any] | None = None) -
                     cfg.resources.workers, cfg.resources.cpus_per_worker)
         max_steps = max(j["train"]["max_steps"] for j in jobs.values())
         scheduler = EarlyStopping(cfg, max_steps, trials_dir) if cfg.asha.enabled else None
-        trainable = tune.with_resources(tune.with_parameters(run_trial, jobs={n: jobs[n] for n in todo}),
+        trainable = tune.with_resources(tune.with_parameters(run_trial, jobs={n: jobs[n] for n in todo},
+                                                             env=forwarded_env()),
                                         {"cpu": cfg.resources.driver_cpus,
                                          "memory": cfg.resources.driver_memory_mb * 2**20})
         tuner = tune.Tuner(

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Any
 
 from medmae.config import field_docs, load_config
+from medmae.io import is_url
+from medmae.tasks import task_class, task_names
 from medmae.training.config import JobConfig
 
 
@@ -16,9 +19,13 @@ def sections_help() -> str:
     for f in dataclasses.fields(JobConfig):
         if dataclasses.is_dataclass(f.default_factory):
             lines.append(f"  {f.name}: " + ", ".join(field_docs(f.default_factory)))
-        elif f.name != "model":
-            lines.append(f"  {f.name}")
+        elif f.name == "task":
+            lines.append(f"  task: {' | '.join(task_names())}")
     lines.append("  model: name=<registered model> plus any key of that model's config (img_size, depth, ...)")
+    for name in task_names():
+        options = field_docs(task_class(name).options)
+        if options:
+            lines.append(f"  finetune (task {name}): " + ", ".join(options))
     return "\n".join(lines)
 
 
@@ -41,13 +48,13 @@ def load_job(args: Any) -> JobConfig:
 
 def absolute_paths(cfg: JobConfig) -> JobConfig:
     """Resolve local relative paths against the launching directory: worker processes may start elsewhere."""
-    from pathlib import Path
 
     def fix(p: str) -> str:
-        return p if not p or "://" in p else str(Path(p).expanduser().resolve())
+        return p if not p or is_url(p) else str(Path(p).expanduser().resolve())
 
     cfg.run.output_dir = fix(cfg.run.output_dir)
     cfg.dist.storage_path = fix(cfg.dist.storage_path)
     cfg.data.path = fix(cfg.data.path)
-    cfg.finetune.pretrained = fix(cfg.finetune.pretrained)
+    if hasattr(cfg.finetune, "pretrained"):
+        cfg.finetune.pretrained = fix(cfg.finetune.pretrained)
     return cfg

@@ -6,11 +6,12 @@ A YAML file holds only what differs from these defaults; ``launch/*.py --config 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from medmae.data.config import DataConfig
 from medmae.distributed.config import DistributedConfig
 from medmae.models.registry import get_entry
+from medmae.tasks import task_class
 
 
 @dataclass
@@ -31,8 +32,6 @@ class RunConfig:
     """checkpoints kept on disk"""
     val_every: int = 0
     """steps between validations (0 = only at the end; fine-tuning)"""
-    fail_at_step: int = -1
-    """testing aid: a worker kills its own process once when it reaches this step (-1 = never)"""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -84,7 +83,8 @@ class TrainConfig:
     global_batch: int | None = None
     """samples per optimizer step over all workers (None = micro_batch × workers); sets gradient accumulation"""
     grad_checkpointing: bool = False
-    """recompute encoder blocks in backward to save activation memory"""
+    """recompute encoder (and MAE decoder) blocks in backward to save activation memory; a runtime switch, so a
+    resumed run may turn it on or off"""
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.micro_batch < 1:
@@ -94,30 +94,9 @@ class TrainConfig:
 
 
 @dataclass
-class FinetuneConfig:
-    pretrained: str = ""
-    """encoder.safetensors exported by pretraining; empty trains from scratch"""
-    labels: Literal["classes", "brats_regions"] = "classes"
-    """segmentation targets: softmax classes, or sigmoid BraTS regions WT/TC/ET from MSD labels 1/2/3"""
-    sw_overlap: float = 0.5
-    """sliding-window overlap for whole-volume validation"""
-    sw_batch: int = 2
-    """windows per forward during validation"""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.sw_overlap < 1.0:
-            raise ValueError(f"sw_overlap: must be in [0, 1), got {self.sw_overlap}")
-        if self.sw_batch < 1:
-            raise ValueError(f"sw_batch: must be >= 1, got {self.sw_batch}")
-
-
-DEFAULT_MODEL = {"pretrain": "mae_vit_3d_debug", "segment": "unetr_vit_3d_debug", "classify": "vit_2d_cls_debug"}
-
-
-@dataclass
 class JobConfig:
-    task: Literal["pretrain", "segment", "classify"] = "pretrain"
-    """what is trained: MAE pretraining, segmentation or classification fine-tuning"""
+    task: str = "pretrain"
+    """what is trained: a registered task (pretrain, segment, classify; see medmae/tasks)"""
     model: dict[str, Any] = field(default_factory=dict)
     """registered model name plus overrides of its config (img_size, depth, mask_ratio, ...)"""
     run: RunConfig = field(default_factory=RunConfig)
@@ -125,22 +104,30 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistributedConfig = field(default_factory=DistributedConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    finetune: Any = field(default_factory=dict)
+    """options of the task (pretrained encoder, sliding-window settings, ...): the keys depend on the task"""
 
     def __post_init__(self) -> None:
+        spec = task_class(self.task)
+        self.finetune = spec.parse_options(self.finetune)
         if self.task != "pretrain" and self.dist.zero_stage == 3:
             raise ValueError(
                 "dist.zero_stage: 3 partitions parameters, so every rank must run the same forwards, but whole-volume "
                 "validation gives ranks different work; fine-tune with stage 0, 1 or 2"
             )
         if "name" not in self.model:
-            self.model = {"name": DEFAULT_MODEL[self.task], **self.model}
+            self.model = {"name": spec.default_model, **self.model}
         self.model_config()  # validates the overrides now, naming model.<key>
+        try:
+            spec.check_model(self.model["name"])
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+        if self.dist.elastic:  # Ray Train may start any count in the range: every one must keep the global batch
+            for n in range(self.dist.min_workers or self.dist.num_workers, self.dist.num_workers + 1):
+                derive(self, n)
 
     def model_config(self) -> Any:
         overrides = {k: v for k, v in self.model.items() if k != "name"}
-        if self.train.grad_checkpointing:
-            overrides.setdefault("grad_checkpointing", True)
         try:
             entry = get_entry(self.model["name"])
         except ValueError as e:
@@ -151,23 +138,31 @@ class JobConfig:
 @dataclass(frozen=True)
 class Derived:
     world_size: int
+    micro_batch: int
     grad_accum: int
     global_batch: int
     lr: float
 
     def as_dict(self) -> dict[str, Any]:
-        return {"world_size": self.world_size, "grad_accum": self.grad_accum, "global_batch": self.global_batch,
-                "lr": self.lr}
+        return {"world_size": self.world_size, "micro_batch": self.micro_batch, "grad_accum": self.grad_accum,
+                "global_batch": self.global_batch, "lr": self.lr}
 
 
 def derive(cfg: JobConfig, world_size: int) -> Derived:
-    """Batch arithmetic and lr for ``world_size`` workers; a resumed run on another count keeps the global batch."""
+    """Batch arithmetic and lr for ``world_size`` workers: the only place they are computed.
+
+    The global batch is kept at every worker count (a resumed or resized elastic run trains with the same batch and
+    lr): accumulation absorbs the change, and where the configured micro-batch does not divide, the largest smaller
+    micro-batch that does is used (at the cost of more accumulation steps, never of a different global batch).
+    """
     global_batch = cfg.train.global_batch or cfg.train.micro_batch * world_size
-    per_step = cfg.train.micro_batch * world_size
-    if global_batch % per_step:
+    micro = next((m for m in range(cfg.train.micro_batch, 0, -1) if global_batch % (m * world_size) == 0), None)
+    if micro is None:
         raise ValueError(
-            f"train.global_batch: {global_batch} is not divisible by micro_batch {cfg.train.micro_batch} × "
-            f"{world_size} workers"
+            f"train.global_batch: {global_batch} cannot be split over {world_size} workers (not divisible); "
+            + (f"dist.min_workers..num_workers allows {world_size} workers, so " if cfg.dist.elastic else "")
+            + "choose a global batch divisible by every worker count the run may use"
         )
     lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * global_batch / 256
-    return Derived(world_size=world_size, grad_accum=global_batch // per_step, global_batch=global_batch, lr=lr)
+    return Derived(world_size=world_size, micro_batch=micro, grad_accum=global_batch // (micro * world_size),
+                   global_batch=global_batch, lr=lr)

@@ -11,17 +11,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, compute_roc_auc
 
+from medmae.distributed import all_gather_objects, all_reduce_sum
+
 logger = logging.getLogger(__name__)
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t
 
 
 @torch.no_grad()
@@ -82,7 +77,7 @@ def evaluate_segmentation(
             acc[row][ok] += values[ok]
             acc[row + 1][ok] += 1
     model.train(was_training)
-    acc = _all_reduce(acc.to(device)).cpu()
+    acc = all_reduce_sum(acc.to(device)).cpu()
     dice = (acc[0] / acc[1].clamp_min(1)).tolist()
     hd95 = (acc[2] / acc[3].clamp_min(1)).tolist()
     seen = acc[1] > 0
@@ -126,13 +121,9 @@ def evaluate_classification(
     model.train(was_training)
     local = (torch.cat(scores) if scores else torch.zeros(0, num_classes),
              torch.cat(labels) if labels else torch.zeros(0, num_classes))
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (local[0].numpy(), local[1].numpy()))
-        y_score = np.concatenate([g[0] for g in gathered])
-        y_true = np.concatenate([g[1] for g in gathered])
-    else:
-        y_score, y_true = local[0].numpy(), local[1].numpy()
+    gathered = all_gather_objects((local[0].numpy(), local[1].numpy()))
+    y_score = np.concatenate([g[0] for g in gathered])
+    y_true = np.concatenate([g[1] for g in gathered])
     aucs = {}
     for i, name in enumerate(names):
         t = y_true[:, i]

@@ -1,48 +1,46 @@
-"""AdamW parameter groups (weight-decay rule, layer-wise lr decay) and the warmup + cosine schedule."""
+"""The optimizer, built from ``OptimConfig`` in one place, and the warmup + cosine learning-rate schedule.
+
+Parameter groups come from timm (``param_groups_weight_decay`` / ``param_groups_layer_decay``), driven by the model's
+``no_weight_decay()`` and ``group_matcher()``: no decay on 1-D tensors (norms, biases) and on tokens and position
+tables; with ``layer_decay < 1`` encoder block i gets ``layer_decay ** (depth - i)``, the patch embedding and tokens
+``layer_decay ** (depth + 1)``, and the final norm, decoder and heads the full lr (MAE's ``param_groups_lrd`` rule).
+"""
 
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
+import torch
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
-
-def _layer_id(name: str, matcher: dict, num_layers: int) -> int:
-    """Encoder parameter -> layer index: stem 0, block i -> i + 1, final norm -> num_layers - 1."""
-    if re.match(matcher["stem"], name):
-        return 0
-    for pattern, fixed in matcher["blocks"]:
-        m = re.match(pattern, name)
-        if m:
-            return num_layers - 1 if fixed is not None else int(m.group(1)) + 1
-    return num_layers - 1
+__all__ = ["adamw_kwargs", "build_optimizer", "lr_at", "param_groups"]
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
-    """Optimizer groups with ``lr_scale``: no decay on 1-D tensors (norms, biases) and the model's
-    ``no_weight_decay`` names (tokens, position tables); with ``layer_decay < 1`` encoder layer i gets
-    ``layer_decay ** (depth + 1 - i)`` and everything outside the encoder (decoder, head) the full lr.
+    """Optimizer groups with ``weight_decay`` and, under layer decay, ``lr_scale`` (applied by ``Engine.set_lr``)."""
+    skip = sorted(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else []
+    if layer_decay < 1.0:
+        return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip,
+                                        layer_decay=layer_decay)
+    return param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip)
+
+
+def adamw_kwargs(device_type: str) -> dict[str, Any]:
+    """Implementation switch for ``torch.optim.AdamW`` on this device.
+
+    The step is a large fixed cost. Measured for 104 M fp32 parameters on the 2-core AVX-512 CPU: for-loop 0.126 -
+    0.223 s, ``foreach`` 0.335 - 0.347 s, ``fused`` 0.038 - 0.068 s; on CUDA ``fused`` is PyTorch's fastest too.
     """
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    encoder = getattr(model, "encoder", None)
-    matcher = encoder.group_matcher() if encoder is not None and layer_decay < 1.0 else None
-    num_layers = len(encoder.blocks) + 2 if encoder is not None else 1
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decay = p.ndim > 1 and name not in skip
-        layer = num_layers - 1
-        if matcher is not None and name.startswith("encoder."):
-            layer = _layer_id(name[len("encoder.") :], matcher, num_layers)
-        key = (layer, decay)
-        if key not in groups:
-            scale = layer_decay ** (num_layers - 1 - layer) if matcher is not None else 1.0
-            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
-        groups[key]["params"].append(p)
-    return [groups[k] for k in sorted(groups)]
+    return {"fused": True} if device_type in ("cpu", "cuda") else {}
+
+
+def build_optimizer(model: nn.Module, cfg: Any, lr: float, device_type: str) -> torch.optim.Optimizer:
+    """AdamW over ``model``'s groups from ``cfg`` (an ``OptimConfig``), starting at ``lr``."""
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                             **adamw_kwargs(device_type))
 
 
 def lr_at(step: int, *, peak: float, warmup: int, total: int, floor: float = 0.0) -> float:

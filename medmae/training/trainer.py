@@ -1,12 +1,16 @@
 """One trainer for pretraining and fine-tuning: ``Trainer(cfg).train()`` in every worker process.
 
 The same code runs in a Ray Train worker, under the ``deepspeed`` launcher or ``torchrun``, and as a single process;
-``medmae.distributed`` hides which. The task spec supplies the model, its loss and its export.
+``medmae.distributed`` hides which. The task spec (``medmae.tasks``) supplies the model, its loss, its validation and
+its export.
+
+Randomness: the model is initialised from ``run.seed`` alone, so every rank builds the same weights; then each rank
+switches to its own stream derived from ``(run.seed, rank)`` for MAE masks, drop-path and augmentation. Every rank
+writes its generator states (CPU, CUDA, NumPy) into the checkpoint and restores its own on resume.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import shutil
@@ -17,40 +21,34 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from medmae.config import from_dict, save_config, to_dict
 from medmae.data import build_train_loader
-from medmae.distributed import checkpoint_dir, create_engine, init_process_group, latest_checkpoint_dir, report
+from medmae.distributed import (
+    checkpoint_dir,
+    create_engine,
+    init_process_group,
+    latest_checkpoint_dir,
+    mean_over_ranks,
+    report,
+    resolve_device,
+)
 from medmae.io import write_json_atomic
+from medmae.models import train_flops_per_sample
+from medmae.tasks import get_task
 from medmae.training.config import JobConfig, derive
 from medmae.training.logs import Board, Progress, memory_gib, peak_flops, setup_logging
-from medmae.training.optim import lr_at, param_groups
-from medmae.training.tasks import get_task
+from medmae.training.optim import build_optimizer, lr_at
+from medmae.training.rng import RankState, rank_seed, seed_everything
 
 logger = logging.getLogger(__name__)
 
 STEP_PREFIX = "step-"
+FAIL_AT_STEP_ENV = "MEDMAE_TEST_FAIL_AT_STEP"  # test hook, not a user setting: the last rank dies once at this step
 
 
 def run_dir_of(cfg: JobConfig) -> Path:
     return Path(cfg.run.output_dir).expanduser().resolve() / cfg.run.name
-
-
-def _rng_state() -> dict[str, str]:
-    """Torch and NumPy generator states as base64 text, so the client state holds no pickled objects."""
-    np_state = np.random.get_state()
-    return {
-        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-        "numpy_keys": base64.b64encode(np_state[1].astype(np.uint32).tobytes()).decode(),
-        "numpy_pos": str(int(np_state[2])),
-    }
-
-
-def _set_rng_state(state: dict[str, str]) -> None:
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
-    keys = np.frombuffer(base64.b64decode(state["numpy_keys"]), dtype=np.uint32)
-    np.random.set_state(("MT19937", keys, int(state["numpy_pos"]), 0, 0.0))
 
 
 class Trainer:
@@ -61,22 +59,23 @@ class Trainer:
         setup_logging(self.rank)
         self.run_dir = run_dir_of(cfg)
         self.derived = derive(cfg, self.world_size)
+        if self.derived.micro_batch != cfg.train.micro_batch and self.rank == 0:
+            logger.warning("train.micro_batch %d does not divide global batch %d over %d workers: using %d x %d "
+                           "accumulation", cfg.train.micro_batch, self.derived.global_batch, self.world_size,
+                           self.derived.micro_batch, self.derived.grad_accum)
         self.model_cfg = cfg.model_config()
-        torch.manual_seed(cfg.run.seed)
-        np.random.seed(cfg.run.seed)
-        model = self.task.build_model(cfg.model, self.model_cfg)
-        if cfg.train.grad_checkpointing:
-            model.set_grad_checkpointing(True)
-        groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
-        self.engine = create_engine(
-            model, groups, cfg.dist, micro_batch=cfg.train.micro_batch, grad_accum=self.derived.grad_accum,
-            grad_clip=cfg.optim.grad_clip, lr=self.derived.lr, betas=cfg.optim.betas,
-            weight_decay=cfg.optim.weight_decay,
-        )
+        seed_everything(cfg.run.seed)  # identical initial weights on every rank
+        model = self.task.build_model()
+        model.set_grad_checkpointing(cfg.train.grad_checkpointing)
+        optimizer = build_optimizer(model, cfg.optim, self.derived.lr, resolve_device().type)
+        self.engine = create_engine(model, optimizer, cfg.dist, micro_batch=self.derived.micro_batch,
+                                    grad_accum=self.derived.grad_accum, grad_clip=cfg.optim.grad_clip)
         self.device = self.engine.device
+        seed_everything(rank_seed(cfg.run.seed, self.rank))  # from here on every rank draws its own numbers
         self.step = 0
         self.board = Board(self.run_dir, self.rank)
-        self.results: dict[str, Any] = {"task": cfg.task, "best": None, "history": []}
+        self.results: dict[str, Any] = {"task": cfg.task, "metric": self.task.metric,
+                                        "metric_groups": list(self.task.metric_groups), "best": None, "history": []}
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml", extra={"derived": self.derived.as_dict(),
                                                                  "model_resolved": to_dict(self.model_cfg)})
@@ -86,29 +85,34 @@ class Trainer:
     # ---- checkpoints ------------------------------------------------------------------------------------------------
     def client_state(self) -> dict[str, Any]:
         return {"step": self.step, "model_name": self.cfg.model["name"], "model": to_dict(self.model_cfg),
-                "global_batch": self.derived.global_batch, "rng": _rng_state(), "results": self.results}
+                "global_batch": self.derived.global_batch, "results": self.results}
 
     def resume(self) -> None:
         ckpt = latest_checkpoint_dir(self.run_dir / "checkpoints")
         if ckpt is None:
             return
         state = self.engine.load(ckpt)
-        if state.get("model") != to_dict(self.model_cfg) or state.get("model_name") != self.cfg.model["name"]:
+        saved_model = {k: v for k, v in (state.get("model") or {}).items() if k != "grad_checkpointing"}
+        if saved_model != to_dict(self.model_cfg) or state.get("model_name") != self.cfg.model["name"]:
             raise ValueError(
-                f"checkpoint {ckpt} was written for model {state.get('model_name')} {state.get('model')}; "
+                f"checkpoint {ckpt} was written for model {state.get('model_name')} {saved_model}; "
                 f"this run builds {self.cfg.model['name']} {to_dict(self.model_cfg)}: refusing to resume into a "
                 "different architecture (use a new run.name)"
             )
         self.step = int(state["step"])
-        _set_rng_state(state["rng"])
         self.results = state.get("results", self.results)
+        tag = f"{STEP_PREFIX}{self.step:08d}"
+        if RankState.load(ckpt / tag, self.rank) is None:  # a worker the checkpoint did not have (the run grew)
+            seed_everything(rank_seed(self.cfg.run.seed, self.rank, self.step))
+            logger.info("no saved random state for rank %d: a fresh stream from (seed, rank, step)", self.rank)
         logger.info("resumed from %s at step %d (written with global batch %s, now %d)", ckpt, self.step,
                     state.get("global_batch"), self.derived.global_batch)
 
     def save_checkpoint(self, metrics: dict[str, float], final: bool = False) -> None:
-        """Every rank writes its shard; under Ray the files become the run's reported checkpoint."""
+        """Every rank writes its shard and its random state; under Ray the files become the reported checkpoint."""
         name = f"{STEP_PREFIX}{self.step:08d}"
         with checkpoint_dir(self.run_dir / "checkpoints", name) as d:
+            RankState.save(d / name, self.rank)  # before the engine's marker file, which says "complete"
             self.engine.save(d, tag=name, client_state=self.client_state())
             if final:
                 self.export(Path(d))
@@ -123,12 +127,12 @@ class Trainer:
         for old in steps[: -self.cfg.run.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def export(self, extra_dir: Path | None = None) -> None:
+    def export(self, extra_dir: Path | None = None, filename: str | None = None) -> None:
         """Consolidated fp32 weights through the task (MAE: ``encoder.safetensors``) into the run directory."""
         state = self.engine.consolidated_state_dict()  # collective
         if self.rank != 0:
             return
-        for path in self.task.export(state, self.model_cfg, self.run_dir):
+        for path in self.task.export(state, self.model_cfg, self.run_dir, filename=filename):
             logger.info("exported %s", path)
             if extra_dir is not None:
                 shutil.copy2(path, extra_dir / path.name)
@@ -142,16 +146,14 @@ class Trainer:
             return None
         res = {"step": self.step, **res}
         flat = {k: v for k, v in res.items() if isinstance(v, float)}
-        for group in ("dice", "hd95", "auc"):
+        for group in self.task.metric_groups:
             flat.update({f"{group}/{k}": v for k, v in res.get(group, {}).items()})
         self.board.scalars(flat, self.step, prefix="val/")
         self.results["history"].append(res)
         best = self.results["best"]
         if best is None or (np.isfinite(res["score"]) and not res["score"] <= best["score"]):
             self.results["best"] = res
-            state = self.engine.consolidated_state_dict()  # collective
-            if self.rank == 0:
-                self.task.export(state, self.model_cfg, self.run_dir, filename="best_model.safetensors")
+            self.export(filename="best_model.safetensors")  # collective
         if self.rank == 0:
             write_json_atomic(self.run_dir / "results.json", self.results)
             logger.info("validation at step %d: score %.4f (best %.4f at step %d)", self.step, res["score"],
@@ -164,7 +166,7 @@ class Trainer:
         epoch = 0
         while True:
             seed = self.cfg.run.seed + 100_003 * self.step + epoch
-            loader = build_train_loader(self.cfg.data, batch_size=self.cfg.train.micro_batch, rank=self.rank,
+            loader = build_train_loader(self.cfg.data, batch_size=self.derived.micro_batch, rank=self.rank,
                                         world_size=self.world_size, seed=seed, with_labels=self.task.with_labels)
             got = False
             for batch in loader:
@@ -191,22 +193,16 @@ class Trainer:
         self.step += 1
         return {"loss": total / self.derived.grad_accum, "lr": lr, "batch": batch, "out": out}
 
-    def mean_over_ranks(self, value: torch.Tensor) -> float:
-        if self.world_size > 1:
-            value = value.clone()
-            dist.all_reduce(value)
-            value /= self.world_size
-        return float(value)
-
     def maybe_fail(self) -> None:
-        """Testing aid: the last rank kills its own process once at ``run.fail_at_step``."""
-        if self.step != self.cfg.run.fail_at_step or self.rank != self.world_size - 1:
+        """Test hook (``MEDMAE_TEST_FAIL_AT_STEP``): the last rank kills its own process once at that step."""
+        fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "-1"))
+        if self.step != fail_at or self.rank != self.world_size - 1:
             return
         marker = self.run_dir / ".fail_injected"
         if not marker.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(str(self.step))
-            logger.warning("fail_at_step: killing this worker at step %d", self.step)
+            logger.warning("%s: killing this worker at step %d", FAIL_AT_STEP_ENV, self.step)
             # Ray's controller collects reports by polling; a worker that dies right after reporting can take its
             # latest checkpoint with it. Waiting a few poll intervals makes the injected failure deterministic.
             time.sleep(3.0)
@@ -216,7 +212,7 @@ class Trainer:
         cfg = self.cfg
         data = self.batches()
         progress = Progress(cfg.train.max_steps, self.step)
-        flops = self.task.flops_per_sample(self.model_cfg) * self.derived.global_batch
+        flops = train_flops_per_sample(cfg.model["name"], self.model_cfg) * self.derived.global_batch
         peak = peak_flops(self.device, self.engine.dtype)
         metrics: dict[str, float] = {}
         if self.step >= cfg.train.max_steps:
@@ -235,10 +231,10 @@ class Trainer:
             if self.step % cfg.run.log_every == 0 or self.step in (1, cfg.train.max_steps):
                 dt = (time.perf_counter() - t0) / steps_in_interval
                 metrics = {
-                    "loss": self.mean_over_ranks(loss_sum / steps_in_interval), "lr": out["lr"],
+                    "loss": mean_over_ranks(loss_sum / steps_in_interval), "lr": out["lr"],
                     "grad_norm": self.engine.grad_norm(), "step_time_s": dt,
                     "volumes_per_s": self.derived.global_batch / dt,
-                    "tokens_per_s": self.derived.global_batch * _num_tokens(self.model_cfg) / dt,
+                    "tokens_per_s": self.derived.global_batch * self.model_cfg.num_patches / dt,
                     "memory_gib": memory_gib(self.device),
                 }
                 if peak:
@@ -267,10 +263,6 @@ class Trainer:
         self.save_checkpoint(metrics, final=True)
         self.board.close()
         return metrics
-
-
-def _num_tokens(model_cfg: Any) -> int:
-    return int(np.prod(model_cfg.grid_size))
 
 
 def train_worker(job: dict[str, Any]) -> None:

@@ -11,26 +11,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
-from medmae.inference.geometry import options_from_preprocessing
-from medmae.models import create_model
-from medmae.models import model_config as validated_config
+from medmae.io import atomic_write_bytes
+from medmae.models.registry import create_model
+from medmae.models.registry import model_config as validated_config
 
-__all__ = ["TASKS", "FORMAT_VERSION", "save_finetuned", "load_finetuned", "read_finetuned_meta", "resolve_checkpoint"]
+__all__ = ["FORMAT_VERSION", "save_finetuned", "load_finetuned", "read_finetuned_meta", "resolve_checkpoint"]
 
 log = logging.getLogger(__name__)
 
-TASKS = ("segment", "segment_regions", "classify")
-"""segment: softmax classes, label = argmax; segment_regions: sigmoid BraTS WT/TC/ET regions, mapped back to MSD
-labels; classify: sigmoid probability per label (multi-label)."""
 FORMAT_VERSION = 1
 _KEYS = ("model_name", "model_config", "task", "num_classes", "label_names", "roi_size", "preprocessing", "extra")
 _PREPROCESSING_KEYS = ("spatial_dims", "preset", "spacing", "orientation", "crop_foreground", "image_dtype")
@@ -38,14 +34,15 @@ _PREPROCESSING_KEYS = ("spatial_dims", "preset", "spacing", "orientation", "crop
 
 def _check_meta(meta: dict[str, Any], where: str) -> None:
     """``ValueError`` naming the field when the metadata cannot describe a usable model."""
-    if meta["task"] not in TASKS:
-        raise ValueError(f"{where}: task {meta['task']!r} is not one of {list(TASKS)}")
+    # The task registry owns the kinds of model file (imported here, not at module level: tasks build on models).
+    from medmae.tasks import task_for_file_kind
+
+    task = task_for_file_kind(meta["task"], where)
     cfg = validated_config(meta["model_name"], **meta["model_config"])  # raises naming an unknown/bad key
     pre = meta["preprocessing"]
     missing = [k for k in _PREPROCESSING_KEYS if k not in pre]
     if missing:
         raise ValueError(f"{where}: preprocessing lacks {missing}; pass the dataset manifest's 'preprocessing' dict")
-    options_from_preprocessing(pre)  # raises for keys or values prediction could not repeat
     if pre["spatial_dims"] != cfg.spatial_dims:
         raise ValueError(f"{where}: preprocessing is {pre['spatial_dims']}D but the model is {cfg.spatial_dims}D")
     if pre.get("channels") not in (None, cfg.in_chans):
@@ -53,10 +50,7 @@ def _check_meta(meta: dict[str, Any], where: str) -> None:
     k = meta["num_classes"]
     if k != getattr(cfg, "num_classes", k):
         raise ValueError(f"{where}: num_classes {k} != the model's {cfg.num_classes}")
-    if meta["task"] == "segment_regions" and k != 3:
-        raise ValueError(f"{where}: num_classes: segment_regions predicts the 3 regions WT/TC/ET, got {k}")
-    if meta["task"] == "segment" and not 1 <= k <= 256:
-        raise ValueError(f"{where}: num_classes: label volumes are uint8, so 1..256 classes, got {k}")
+    task.check_file(meta["task"], meta, where)
     if meta["label_names"] is not None and len(meta["label_names"]) != k:
         raise ValueError(f"{where}: label_names has {len(meta['label_names'])} names for {k} classes")
     if tuple(meta["roi_size"]) != tuple(cfg.img_size):  # the patch embedding takes exactly img_size
@@ -83,6 +77,7 @@ def save_finetuned(
     """
     path = Path(path)
     model_config = json.loads(json.dumps(model_config))  # tuples -> lists, and proof that it serialises
+    model_config.pop("grad_checkpointing", None)  # a runtime switch, not architecture (files before 0.2 had it)
     meta = {
         "model_name": model_name,
         "model_config": model_config,
@@ -94,8 +89,9 @@ def save_finetuned(
         "extra": extra or {},
     }
     _check_meta(meta, str(path))
-    # A CPU build (about a second for ViT-B); the meta device would be free, but PatchEmbed calls .item() on init.
-    _check_state(state, create_model(model_name, **model_config).state_dict(), str(path))
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        expected = create_model(model_name, **model_config).state_dict()
+    _check_state(state, expected, str(path))
     # Floats become fp32 (bf16/fp16 training copies), integer buffers keep their type; clone() unties shared storage.
     tensors = {
         k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous().clone()
@@ -103,16 +99,7 @@ def save_finetuned(
     }
     metadata = {"format": "pt", "medmae_finetuned": str(FORMAT_VERSION)}
     metadata.update({k: json.dumps(meta[k]) for k in _KEYS})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
     log.info("saved %s (%s, task %s, %d tensors)", path, model_name, task, len(tensors))
     return path
 
@@ -167,6 +154,7 @@ def _open(path: Path, weights: bool) -> tuple[dict[str, torch.Tensor], dict[str,
         meta = {k: json.loads(raw[k]) for k in _KEYS}
     except (KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: damaged metadata ({type(e).__name__}: {e})") from None
+    meta["model_config"].pop("grad_checkpointing", None)  # written by versions that kept it in the architecture
     _check_meta(meta, str(path))
     return tensors, meta
 

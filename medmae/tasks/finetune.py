@@ -1,0 +1,73 @@
+"""What every fine-tuning task shares: options with the pretrained encoder, building from it, the dataset's
+manifest and label names, and export of the fine-tuned model file."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medmae.config import to_dict
+from medmae.data import build_val_loader, read_manifest
+from medmae.models import load_encoder, read_encoder, save_finetuned
+from medmae.tasks.base import Task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneOptions:
+    pretrained: str = ""
+    """encoder.safetensors exported by pretraining (a path or URL); empty trains from scratch"""
+
+
+class FinetuneTask(Task):
+    """Build (from scratch or from an exported MAE encoder), read the manifest, export ``model.safetensors``."""
+
+    options = FinetuneOptions
+    with_labels = True
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self._manifest: dict | None = None
+
+    @property
+    def manifest(self) -> dict:
+        if self._manifest is None:
+            self._manifest = read_manifest(self.cfg.data.path, self.cfg.data.storage_options)
+        return self._manifest
+
+    def build_model(self) -> nn.Module:
+        model = super().build_model()
+        path = self.opts.pretrained
+        if path:
+            weights, source_cfg = read_encoder(path)
+            report = load_encoder(model, weights, source_cfg)
+            logger.info("initialised the encoder from %s: %d tensors%s", path, report["loaded"],
+                        f", {report['interpolated']}" if report["interpolated"] else "")
+        return model
+
+    def val_loader(self, rank: int, world_size: int) -> Any:
+        return build_val_loader(self.cfg.data, rank=rank, world_size=world_size)
+
+    def label_names(self, resolved: Any) -> list[str]:
+        """Names of the model's output channels, from the dataset manifest when it has them."""
+        names = self.manifest.get("label_names")
+        return list(names) if names else [f"class{i}" for i in range(resolved.num_classes)]
+
+    def file_kind(self) -> str:
+        return self.file_kinds[0]
+
+    def export(self, state: dict[str, torch.Tensor], resolved: Any, directory: Path,
+               filename: str | None = None) -> list[Path]:
+        path = save_finetuned(
+            directory / (filename or "model.safetensors"), state, model_name=self.cfg.model["name"],
+            model_config=to_dict(resolved), task=self.file_kind(), preprocessing=self.manifest["preprocessing"],
+            num_classes=resolved.num_classes, label_names=self.label_names(resolved),
+            roi_size=list(self.cfg.data.roi_size),
+        )
+        return [path]
