@@ -76,6 +76,9 @@ class TrainLoader:
             batch_size=None,
             num_workers=workers,
             prefetch_factor=self.cfg.prefetch_factor if workers else None,
+            # Its own generator: starting an iterator draws a base seed, which from the global generator would shift
+            # the trainer's stream (MAE masks) differently in a resumed run than in an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.dataset.seed),
         )
         it = iter(loader)
         try:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
 from medmae.data.labels import BRATS_REGIONS, brats_regions, regions_to_brats
@@ -17,20 +17,46 @@ from medmae.tasks.finetune import FinetuneOptions, FinetuneTask
 from medmae.training.evaluate import evaluate_segmentation
 
 
+class RegionLoss(nn.Module):
+    """Loss for overlapping sigmoid regions (BraTS WT ⊃ TC ⊃ ET): soft Dice per region plus, by default, BCE on the
+    logits per voxel and region. Each region's term depends on its own channel only; a softmax cross-entropy over
+    the channels (MONAI's DiceCELoss) would treat the nested regions as exclusive classes, so that no logits, not even
+    perfect ones, bring it near zero."""
+
+    def __init__(self, bce: bool = True) -> None:
+        super().__init__()
+        self.dice = DiceLoss(sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5, squared_pred=True)
+        self.bce = nn.BCEWithLogitsLoss() if bce else None
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``logits`` and binary ``target`` ``(B, R, *S)``."""
+        loss = self.dice(logits, target)
+        return loss + self.bce(logits, target) if self.bce is not None else loss
+
+
 @dataclass
 class SegmentOptions(FinetuneOptions):
     labels: Literal["classes", "brats_regions"] = "classes"
     """segmentation targets: softmax classes, or sigmoid BraTS regions WT/TC/ET from MSD labels 1/2/3"""
     sw_overlap: float = 0.5
     """sliding-window overlap for whole-volume validation"""
-    sw_batch: int = 2
+    sw_batch: int = 4
     """windows per forward during validation"""
+    score_classes: tuple[int | str, ...] = ()
+    """classes whose mean Dice is the validation score (best model, sweep reports), by label value (1 = first
+    foreground class; BraTS regions 1-3 = WT, TC, ET) or by name; empty = all. BTCV's papers use 8 of its 13 organs"""
+    region_loss: Literal["dice_bce", "dice"] = "dice_bce"
+    """BraTS regions: per-region soft Dice plus per-region BCE on the logits, or Dice alone (the reference code).
+    Dice alone gives no gradient on a crop where a region is absent, so false positives there cost nothing"""
 
     def __post_init__(self) -> None:
+        self.score_classes = tuple(self.score_classes)
         if not 0.0 <= self.sw_overlap < 1.0:
             raise ValueError(f"sw_overlap: must be in [0, 1), got {self.sw_overlap}")
         if self.sw_batch < 1:
             raise ValueError(f"sw_batch: must be >= 1, got {self.sw_batch}")
+        if any(isinstance(c, int) and c < 1 for c in self.score_classes):
+            raise ValueError(f"score_classes: label values start at 1 (0 is background), got {self.score_classes}")
 
 
 @register_task
@@ -47,7 +73,7 @@ class SegmentTask(FinetuneTask):
         super().__init__(cfg)
         self.regions = self.opts.labels == "brats_regions"
         if self.regions:
-            self.loss_fn = DiceCELoss(sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5, squared_pred=True)
+            self.loss_fn = RegionLoss(bce=self.opts.region_loss == "dice_bce")
         else:
             self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, smooth_nr=0.0, smooth_dr=1e-5,
                                       squared_pred=True)
@@ -69,12 +95,26 @@ class SegmentTask(FinetuneTask):
             raise ValueError(f"model.num_classes: BraTS regions need 3 outputs (WT, TC, ET), "
                              f"got {resolved.num_classes}")
         names = self.label_names(resolved)
+        evaluated = names if self.regions else names[1:]  # background is not scored
         return evaluate_segmentation(
             model, self.val_loader(rank, world_size), roi=tuple(self.cfg.data.roi_size),
             num_classes=resolved.num_classes, regions=self.regions, device=device, dtype=dtype,
             sw_batch=self.opts.sw_batch, overlap=self.opts.sw_overlap,
-            class_names=None if self.regions else names[1:],
+            class_names=None if self.regions else evaluated, score_classes=self.score_indices(evaluated),
         )
+
+    def score_indices(self, evaluated: list[str]) -> list[int] | None:
+        """``finetune.score_classes`` as indices into the evaluated classes; ``ValueError`` naming a bad entry."""
+        if not self.opts.score_classes:
+            return None
+        out = []
+        for c in self.opts.score_classes:
+            i = c - 1 if isinstance(c, int) else (evaluated.index(c) if c in evaluated else -1)
+            if not 0 <= i < len(evaluated):
+                raise ValueError(f"finetune.score_classes: {c!r} is not an evaluated class of this model; classes "
+                                 f"1..{len(evaluated)}: {', '.join(evaluated)}")
+            out.append(i)
+        return out
 
     @classmethod
     def check_file(cls, kind: str, meta: dict[str, Any], where: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
-from monai.metrics import DiceMetric, HausdorffDistanceMetric, compute_roc_auc
+from monai.metrics import compute_roc_auc
 
 from medmae.distributed import all_gather_objects, all_reduce_sum
 
@@ -29,6 +29,38 @@ def segment_volume(model: torch.nn.Module, image: torch.Tensor, roi: tuple[int, 
     return sliding_window_inference(image, roi, sw_batch, predict, overlap=overlap, mode="gaussian")
 
 
+def _per_class_scores(pred: torch.Tensor, target: torch.Tensor, spacing: list[float]) -> list[tuple]:
+    """Binary ``(K, *S)`` masks of one volume -> per class ``(dice, hd95_mm)``, or None where the class is absent.
+
+    Empty cases, as the segmentation benchmarks score them: ground truth and prediction both empty -> absent (not a
+    0, not a 1: it says nothing about the model); a miss (ground truth only) or a false positive (prediction only)
+    -> Dice 0 and HD95 the volume's diagonal in mm, the largest distance the grid can hold, so neither is dropped.
+    """
+    from monai.metrics import compute_hausdorff_distance
+
+    dims = pred.shape[1:]
+    diagonal = float(np.sqrt(sum((n * s) ** 2 for n, s in zip(dims, spacing))))
+    out: list[tuple | None] = []
+    both = []
+    for c in range(pred.shape[0]):
+        p, t = pred[c].bool(), target[c].bool()
+        p_any, t_any = bool(p.any()), bool(t.any())
+        if not p_any and not t_any:
+            out.append(None)
+            continue
+        inter = (p & t).sum().item()
+        dice = 2.0 * inter / (p.sum().item() + t.sum().item())
+        out.append((dice, diagonal))
+        if p_any and t_any:
+            both.append(c)
+    if both:
+        hd = compute_hausdorff_distance(pred[both][None].float(), target[both][None].float(), include_background=True,
+                                        percentile=95, spacing=list(spacing))[0]
+        for c, v in zip(both, hd.tolist()):
+            out[c] = (out[c][0], float(v))
+    return out
+
+
 def evaluate_segmentation(
     model: torch.nn.Module,
     loader: Any,
@@ -41,19 +73,23 @@ def evaluate_segmentation(
     sw_batch: int = 2,
     overlap: float = 0.5,
     class_names: list[str] | None = None,
+    score_classes: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Mean and per-class Dice and HD95 (voxels of the resampled grid) over whole validation volumes.
+    """Per-class Dice and HD95 (mm) over whole validation volumes, their means, and the validation score.
 
-    ``regions``: sigmoid outputs vs BraTS WT/TC/ET targets; otherwise softmax classes, background excluded.
+    ``regions``: sigmoid outputs vs BraTS WT/TC/ET targets; otherwise softmax classes, background excluded (class i
+    of the results is label i + 1). ``score_classes`` (indices into the results' classes) chooses the classes whose
+    mean Dice is the score that selects the best model; None = all. A class is averaged over the volumes where it is
+    defined (see :func:`_per_class_scores`); one absent from every volume is reported as None and counted in
+    ``absent``, never as 0.
     """
     from medmae.data.labels import BRATS_REGIONS, brats_regions
 
     n = 3 if regions else num_classes - 1
     names = list(BRATS_REGIONS) if regions else (class_names or [f"class{i}" for i in range(1, num_classes)])
-    # sums of Dice and HD95 per class, and how many volumes each was defined on
-    acc = torch.zeros(5, n, dtype=torch.float64)  # row 4, column 0: volumes evaluated
-    dice_fn = DiceMetric(include_background=True, reduction="none", ignore_empty=True)
-    hd_fn = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
+    # rows: Dice sum, volumes with Dice, HD95 sum, volumes with HD95, volumes where the class is absent
+    acc = torch.zeros(5, n, dtype=torch.float64)
+    volumes = torch.zeros(1, dtype=torch.float64)
     was_training = model.training
     model.eval()
     for batch in loader:
@@ -61,37 +97,47 @@ def evaluate_segmentation(
         label = batch["label"].to(device)
         if image.ndim == len(roi) + 1:
             image, label = image[None], label[None]
+        spacing = list(batch.get("meta", {}).get("spacing") or [1.0] * len(roi))
         logits = segment_volume(model, image, roi, sw_batch=sw_batch, overlap=overlap, dtype=dtype)
         if regions:
-            pred = (logits.sigmoid() > 0.5).float()
-            target = brats_regions(label)
+            pred = (logits[0] > 0).float()
+            target = brats_regions(label)[0]
         else:
             k = logits.shape[1]
-            pred = torch.nn.functional.one_hot(logits.argmax(1), k).movedim(-1, 1).float()[:, 1:]
-            target = torch.nn.functional.one_hot(label[:, 0].long(), k).movedim(-1, 1).float()[:, 1:]
-        dice = dice_fn(pred, target)[0].cpu().double()  # (n,), NaN where the class is absent from the target
-        hd = hd_fn(pred, target)[0].cpu().double()
-        acc[4, 0] += 1
-        for row, values in ((0, dice), (2, hd)):
-            ok = torch.isfinite(values)
-            acc[row][ok] += values[ok]
-            acc[row + 1][ok] += 1
+            pred = torch.nn.functional.one_hot(logits[0].argmax(0), k).movedim(-1, 0)[1:]
+            target = torch.nn.functional.one_hot(label[0, 0].long(), k).movedim(-1, 0)[1:]
+        for c, scores in enumerate(_per_class_scores(pred.cpu(), target.cpu(), spacing)):
+            if scores is None:
+                acc[4, c] += 1
+            else:
+                acc[:4, c] += torch.tensor([scores[0], 1.0, scores[1], 1.0], dtype=torch.float64)
+        volumes += 1
     model.train(was_training)
     acc = all_reduce_sum(acc.to(device)).cpu()
-    dice = (acc[0] / acc[1].clamp_min(1)).tolist()
-    hd95 = (acc[2] / acc[3].clamp_min(1)).tolist()
-    seen = acc[1] > 0
-    mean_dice = float((acc[0] / acc[1].clamp_min(1))[seen].mean()) if seen.any() else float("nan")
-    seen_hd = acc[3] > 0
-    mean_hd = float((acc[2] / acc[3].clamp_min(1))[seen_hd].mean()) if seen_hd.any() else float("nan")
-    return {
-        "score": mean_dice,
-        "mean_dice": mean_dice,
-        "mean_hd95": mean_hd,
+    volumes = int(all_reduce_sum(volumes.to(device)).item())
+    dice = [float(acc[0, c] / acc[1, c]) if acc[1, c] else None for c in range(n)]
+    hd95 = [float(acc[2, c] / acc[3, c]) if acc[3, c] else None for c in range(n)]
+
+    def mean(values: list[float | None], idx: list[int]) -> float:
+        vals = [values[i] for i in idx if values[i] is not None]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    everything = list(range(n))
+    chosen = list(score_classes) if score_classes is not None else everything
+    out = {
+        "score": mean(dice, chosen),
+        "mean_dice": mean(dice, everything),
+        "mean_hd95": mean(hd95, everything),
         "dice": dict(zip(names, dice)),
         "hd95": dict(zip(names, hd95)),
-        "volumes": int(acc[4, 0]),
+        "absent": {names[c]: int(acc[4, c]) for c in range(n) if acc[4, c]},
+        "volumes": volumes,
     }
+    if score_classes is not None:
+        out["score_classes"] = [names[c] for c in chosen]
+        out["mean_dice_score_classes"] = out["score"]
+        out["mean_hd95_score_classes"] = mean(hd95, chosen)
+    return out
 
 
 def evaluate_classification(
