@@ -47,8 +47,20 @@ class Output:
             self.local = Path(output)
             self.local.mkdir(parents=True, exist_ok=True)
             return
-        self.fs, self.root = _connect(self.name, storage_options or {})
+        self.storage_options = storage_options or {}
+        self._fs, self.root = _connect(self.name, self.storage_options)
+        self._pid = os.getpid()
         self.local = Path(tempfile.mkdtemp(prefix="medmae-convert-"))
+
+    @property
+    def fs(self):
+        """This process's filesystem: async fsspec filesystems (s3fs) refuse use in a forked converter worker."""
+        if self._pid != os.getpid():
+            import fsspec
+
+            self._fs = fsspec.core.url_to_fs(self.name, **self.storage_options)[0]
+            self._pid = os.getpid()
+        return self._fs
 
     def url(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
