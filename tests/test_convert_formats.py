@@ -119,6 +119,11 @@ def test_siemens_mosaic_series_untiled_one_sample_per_volume(tmp_path):
         assert_same_world(v, affine, image, got[key]["meta"]["affine"])
         np.testing.assert_allclose(sorted(got[key]["meta"]["spacing"]), [1.796875, 1.796875, 3.0], rtol=1e-4)
     assert verify(out) == []
+    # a datalist entry is one volume: a mosaic series of two is refused by name, not cut to its first volume
+    dl = tmp_path / "dl.json"
+    dl.write_text(json.dumps({"training": [{"image": str(tmp_path / "in" / "dwi")}]}))
+    res = convert(dl, tmp_path / "out2", ConvertOptions(**F32), progress=False)
+    assert [e["reason"] for e in res.errors] == ["mosaic_series"] and "2 volumes" in res.errors[0]["message"]
 
 
 def test_mosaic_that_cannot_be_untiled_is_refused_by_name(tmp_path):

@@ -306,6 +306,7 @@ def _convert(input_path, target: Output, opts: ConvertOptions, run_verify: bool,
     channels = _infer_channels(specs, opts, spatial_dims)
     settings = _settings(opts, spatial_dims, channels)
     _check_resume(target.read_manifest(), target, opts, settings)
+    target.open()
     out = target.local
     remove_temporaries(out)
     if opts.format == "zarr":

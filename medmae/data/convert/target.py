@@ -44,8 +44,7 @@ class Output:
         self.name = str(output)
         self.remote = is_url(output)
         if not self.remote:
-            self.local = Path(output)
-            self.local.mkdir(parents=True, exist_ok=True)
+            self.local = Path(output)  # created by open(), once the input is known to be usable
             return
         self.storage_options = storage_options or {}
         self._fs, self.root = _connect(self.name, self.storage_options)
@@ -61,6 +60,13 @@ class Output:
             self._fs = fsspec.core.url_to_fs(self.name, **self.storage_options)[0]
             self._pid = os.getpid()
         return self._fs
+
+    def open(self) -> None:
+        if not self.remote:
+            try:
+                self.local.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"OUTPUT {self.local}: cannot create it ({e.strerror or e})") from None
 
     def url(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
