@@ -24,7 +24,6 @@ __all__ = ["read_image", "NIBABEL_SUFFIXES", "NRRD_SUFFIXES"]
 
 NIBABEL_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # NRRD world spaces we can place in RAS: the flips from that space to RAS (the time variants share the axes)
 _NRRD_SPACE_FLIPS = {
     "right-anterior-superior": (1, 1),
@@ -134,9 +133,8 @@ def read_image(path: str, spatial_dims: int, files: list[str] | None = None) -> 
         array, affine, n_spatial = _read_any(path, files)
     except SampleError:
         raise
-    except (
-        Exception
-    ) as e:  # any reader failure is a property of the file: nibabel, ITK, pynrrd and zlib raise many kinds
+    # any reader failure is a property of the file: nibabel, ITK, pynrrd, pydicom and zlib raise many kinds
+    except Exception as e:
         detail = (str(e).strip().splitlines() or [""])[-1][:300]
         raise SampleError("unreadable", f"{path}: {type(e).__name__}: {detail}") from None
     if spatial_dims == 2 and n_spatial == 3 and array.shape[2] == 1:  # a 2D image stored as one slice
