@@ -42,7 +42,7 @@ def test_nifti_datalist_roundtrip_exact(tmp_path, fmt):
     res = convert(dl, out, ConvertOptions(format=fmt, preset="ct", workers=0, zarr_chunk=8), progress=False)
     assert res.ok and res.converted == 4
     manifest = read_manifest(out)
-    assert manifest["counts"] == {"train": 3, "validation": 1, "errors": 0}
+    assert manifest["counts"] == {"train": 3, "validation": 1, "test": 0, "errors": 0}
     assert manifest["task"] == "segmentation" and manifest["num_classes"] == 3
     assert manifest["preprocessing"]["preset"] == "ct" and manifest["complete"]
     samples = stored(out)

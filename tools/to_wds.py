@@ -2,16 +2,22 @@
 """Convert medical images to WebDataset tar shards or a Zarr v3 group for medmae's streaming loaders.
 
 INPUT is a folder (imagesTr/ + labelsTr/, <key>_seg label files, DICOM series subfolders, or a dataset.json),
-an MSD-style datalist JSON, or a CSV of 2D images with labels. Bad samples are listed in OUTPUT/errors.jsonl and
-skipped; the exit status is 1 when there were any, unless --allow-errors. Re-running resumes.
+an MSD-style datalist JSON, or a CSV of 2D images with labels. OUTPUT is a folder or an object store URL
+(s3://bucket/prefix, with medmae[s3] installed). Bad samples are listed in OUTPUT/errors.jsonl and skipped; the exit
+status is 1 when there were any, unless --allow-errors; 2 for unusable arguments or an OUTPUT that cannot be written.
+Re-running resumes.
 
-Example:
+Examples:
     python tools/to_wds.py data/Task09_Spleen/dataset.json shards/spleen --format wds --preset ct --spacing 1.5 1.5 2
+    python tools/to_wds.py Data_Entry_2017.csv s3://bucket/cxr14 --preset xray --image-col "Image Index" \
+        --label-col "Finding Labels" --images-dir images --train-list train_val_list.txt --test-list test_list.txt \
+        --group-col "Patient ID" --val-fraction 0.1
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -25,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = ConvertOptions()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="folder, datalist .json, or .csv of 2D images")
-    p.add_argument("output", help="output folder (created; a re-run resumes)")
+    p.add_argument("output", help="output folder or URL such as s3://bucket/prefix (created; a re-run resumes)")
     p.add_argument("--format", choices=["wds", "zarr"], default=d.format)
     g = p.add_argument_group("preprocessing (recorded in the manifest)")
     g.add_argument("--spatial-dims", type=int, choices=[2, 3], help="default: 2 for a CSV input, else 3")
@@ -43,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--fg-margin", type=int, default=d.fg_margin)
     g.add_argument("--image-dtype", choices=["float16", "float32"], default=d.image_dtype)
     g.add_argument("--channels", type=int, help="expected channels (default: from the first sample)")
+    g.add_argument(
+        "--min-size",
+        type=int,
+        default=d.min_size,
+        help="refuse samples (degenerate_shape) smaller than this along any axis after preprocessing",
+    )
     g = p.add_argument_group("inputs")
     g.add_argument("--images-dir", help="folder input: images subfolder (default imagesTr if present)")
     g.add_argument("--labels-dir", help="folder input: labels subfolder (default labelsTr if present)")
@@ -52,12 +64,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--label-cols", default="", help="CSV: comma-separated 0/1 label columns")
     g.add_argument("--label-col", help="CSV: one column of label names joined by --label-sep")
     g.add_argument("--label-sep", default=d.label_sep)
+    g.add_argument("--group-col", help="CSV: patient column; --val-fraction then holds out whole patients")
+    g.add_argument("--train-list", help="CSV: file of image names that may be trained on (train_val_list.txt)")
+    g.add_argument("--test-list", help="CSV: file of image names of the test split (test_list.txt)")
     g = p.add_argument_group("output")
     g.add_argument(
         "--val-fraction",
         type=float,
         default=d.val_fraction,
-        help="validation share when the input names no validation set",
+        help="validation share (of patients with --group-col) when the input names no validation set",
     )
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--shard-size-mb", type=float, default=d.shard_size_mb)
@@ -65,6 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--zarr-chunk", type=int, default=d.zarr_chunk)
     g.add_argument("--zarr-shard", type=int, default=d.zarr_shard, help="0 = no Zarr sharding")
     g.add_argument("--workers", type=int, default=d.workers)
+    g.add_argument(
+        "--storage-options",
+        type=json.loads,
+        default={},
+        help='OUTPUT URL: fsspec options as JSON, e.g. \'{"endpoint_url": "http://minio:9000"}\' '
+        "(default: the backend's environment variables, AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)",
+    )
     g.add_argument("--verify", action="store_true", help="read everything back and check checksums")
     g.add_argument("--allow-errors", action="store_true", help="exit 0 even when samples were skipped")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -101,6 +123,11 @@ def options_from_args(a: argparse.Namespace) -> ConvertOptions:
         label_cols=csv_list(a.label_cols),
         label_col=a.label_col,
         label_sep=a.label_sep,
+        group_col=a.group_col,
+        train_list=a.train_list,
+        test_list=a.test_list,
+        min_size=a.min_size,
+        storage_options=a.storage_options,
     )
 
 

@@ -168,9 +168,15 @@ def _write_nrrd(path: Path, data: np.ndarray, spacing: tuple[float, ...]) -> Non
 
 
 def write_dicom_series(
-    folder: str | Path, volume: np.ndarray, spacing: tuple[float, float, float] = (0.8, 0.8, 2.5)
+    folder: str | Path,
+    volume: np.ndarray,
+    spacing: tuple[float, float, float] = (0.8, 0.8, 2.5),
+    series_number: int = 1,
+    description: str = "phantom",
+    prefix: str = "slice",
 ) -> Path:
-    """Write an int16 HU volume indexed ``(x, y, z)`` as a CT DICOM series, one file per z slice.
+    """Write an int16 HU volume indexed ``(x, y, z)`` as a CT DICOM series, one file per z slice
+    (``<prefix>_NNNN.dcm``; several series may share a folder).
 
     Slices are stored with the standard orientation (rows along +y, columns along +x in LPS patient space) and
     ``RescaleIntercept=-1024``, so readers must apply the rescale to get HU back.
@@ -186,13 +192,14 @@ def write_dicom_series(
         meta.MediaStorageSOPClassUID = CTImageStorage
         meta.MediaStorageSOPInstanceUID = generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(str(folder / f"slice_{z:04d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds = FileDataset(str(folder / f"{prefix}_{z:04d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
         ds.Modality, ds.PatientName, ds.PatientID = "CT", "Phantom^Test", "phantom"
         ds.SeriesDate = ds.StudyDate = "20260101"
         ds.InstanceNumber = z + 1
+        ds.SeriesNumber, ds.SeriesDescription = series_number, description
         ds.ImagePositionPatient = [0.0, 0.0, float(z * spacing[2])]
         ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
         ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]  # row spacing (y), column spacing (x)
@@ -203,5 +210,5 @@ def write_dicom_series(
         ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
         stored = (volume[:, :, z].T.astype(np.int32) + 1024).astype(np.int16)  # rows = y, columns = x
         ds.PixelData = np.ascontiguousarray(stored).tobytes()
-        ds.save_as(folder / f"slice_{z:04d}.dcm", enforce_file_format=True)
+        ds.save_as(folder / f"{prefix}_{z:04d}.dcm", enforce_file_format=True)
     return folder

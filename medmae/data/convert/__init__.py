@@ -1,4 +1,5 @@
-"""Volumes (NIfTI, NRRD, MHA, DICOM series, 2D images from a CSV) → WebDataset tar shards or a Zarr v3 group.
+"""Volumes (NIfTI, FreeSurfer MGZ, NRRD, MHA, DICOM series and Siemens mosaics, 2D images from a CSV) → WebDataset
+tar shards or a Zarr v3 group, in a folder or an object store.
 
 ``convert`` is what ``tools/to_wds.py`` runs; ``verify`` re-reads a converted dataset against its manifest.
 """

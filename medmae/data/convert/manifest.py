@@ -1,20 +1,18 @@
-"""``manifest.json`` and ``errors.jsonl``: writing them atomically, reading them (local path or fsspec URL), and
-``verify``, which reads every stored sample back and checks it against the manifest."""
+"""``manifest.json`` and ``errors.jsonl`` names, reading a manifest (local path or fsspec URL), and ``verify``, which
+reads every stored sample back and checks it against the manifest."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
 
 from medmae.data.convert.preprocess import checksum
-from medmae.io import write_json_atomic
 
-__all__ = ["MANIFEST", "ERRORS", "read_manifest", "write_json_atomic", "write_errors", "verify", "join_url"]
+__all__ = ["MANIFEST", "ERRORS", "read_manifest", "verify", "join_url"]
 
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
@@ -24,10 +22,6 @@ log = logging.getLogger(__name__)
 def join_url(base: str, name: str) -> str:
     """``base/name`` for local paths and URLs alike."""
     return f"{base.rstrip('/')}/{name}" if "://" in base else str(Path(base) / name)
-
-
-def write_errors(out: Path, errors: list[dict]) -> None:
-    write_json_atomic(out / ERRORS, errors, lines=True)
 
 
 def read_manifest(path: str | os.PathLike, storage_options: dict | None = None) -> dict:
@@ -50,12 +44,18 @@ def read_manifest(path: str | os.PathLike, storage_options: dict | None = None) 
     return manifest
 
 
-def verify(out: str | Path) -> list[str]:
-    """Read every sample back, recompute its checksum, compare with the manifest; returns the problems found."""
+def verify(out: str | Path, storage_options: dict | None = None) -> list[str]:
+    """Read every sample back, recompute its checksum, compare with the manifest; returns the problems found.
+
+    ``out`` is a folder or an fsspec URL (read with ``storage_options``).
+    """
+    import fsspec
+
     from medmae.data.convert.writers import iter_shard_samples, read_zarr_sample
 
-    out = Path(out)
-    manifest = read_manifest(out)
+    out = str(out)
+    storage_options = storage_options or {}
+    manifest = read_manifest(out, storage_options)
     expected = {s["key"]: s for s in manifest["samples"]}
     seen: set[str] = set()
     problems: list[str] = []
@@ -73,14 +73,15 @@ def verify(out: str | Path) -> list[str]:
     if manifest["format"] == "wds":
         for shard in tqdm(manifest["shards"], desc="verify", unit="shard"):
             try:
-                for sample in iter_shard_samples(out / shard["name"]):
-                    check(sample, shard["name"])
+                with fsspec.open(join_url(out, shard["name"]), "rb", **storage_options) as f:
+                    for sample in iter_shard_samples(f):
+                        check(sample, shard["name"])
             except Exception as e:  # a damaged shard is a finding, not a crash of the verifier
                 problems.append(f"{shard['name']}: unreadable ({type(e).__name__}: {e})")
     else:
         import zarr
 
-        root = zarr.open_group(str(out), mode="r")
+        root = zarr.open_group(out, mode="r", storage_options=storage_options if "://" in out else None)
         for s in tqdm(manifest["samples"], desc="verify", unit="sample"):
             try:
                 check(read_zarr_sample(root, s["split"], s["key"]), f"{s['split']}/{s['key']}")

@@ -40,7 +40,13 @@ class ConvertOptions:
     channels: int | None = None
     """Expected image channels; None = inferred from the first datalist entry (or channel_suffixes), else 1."""
     val_fraction: float = 0.0
-    """Fraction of samples put in the validation split when the input names no validation set."""
+    """Fraction of samples (of patients with group_col) put in the validation split when the input names none."""
+    group_col: str | None = None
+    """CSV input: column naming each image's patient; the validation split then keeps every patient on one side."""
+    train_list: str | None = None
+    """CSV input: text file of the image names (image_col values) that may be trained on (train_val_list.txt)."""
+    test_list: str | None = None
+    """CSV input: text file of the image names of the held-out test split (test_list.txt)."""
     seed: int = 0
     """Seed of the validation split and of the foreground points stored for label-balanced crops."""
     shard_size_mb: float = 256.0
@@ -71,6 +77,11 @@ class ConvertOptions:
     """CSV input: separator of label names in label_col."""
     fg_points: int = 1024
     """Foreground voxel coordinates stored per sample for label-balanced crops without reading the label."""
+    min_size: int = 8
+    """Smallest spatial size, in voxels along any axis after preprocessing, of a stored sample (smaller ones are
+    refused as degenerate_shape; a size of 1 always is)."""
+    storage_options: dict = field(default_factory=dict)
+    """fsspec options for an OUTPUT URL (endpoint, credentials); default: the backend's environment variables."""
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (None, 2, 3):
@@ -99,6 +110,12 @@ class ConvertOptions:
             raise ValueError(f"prefix: must not contain '/', '.' or spaces, got {self.prefix!r}")
         if self.fg_points < 0:
             raise ValueError(f"fg_points: must be >= 0, got {self.fg_points}")
+        if not isinstance(self.storage_options, dict):
+            raise ValueError(f"storage_options: expected a mapping, got {self.storage_options!r}")
+        if self.min_size < 1:
+            raise ValueError(f"min_size: must be >= 1, got {self.min_size}")
+        if self.group_col is not None and not self.group_col.strip():
+            raise ValueError("group_col: must name a column, got an empty string")
 
     def preprocessing(self) -> dict:
         """The options that change stored voxels; recorded in the manifest and compared on resume."""

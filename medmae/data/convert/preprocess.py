@@ -1,4 +1,4 @@
-"""Read one sample through MONAI's nibabel/ITK readers, check it, and preprocess it for storage.
+"""Check one sample read by ``readers.read_image`` and preprocess it for storage.
 
 Every problem a user's data can have raises ``SampleError`` with a reason code; anything else is a bug.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from nibabel.orientations import (
@@ -21,11 +20,10 @@ from nibabel.orientations import (
 )
 
 from medmae.data.convert.options import ConvertOptions, SampleError
+from medmae.data.convert.readers import read_image
 from medmae.data.convert.sources import SampleSpec
 
 __all__ = ["Geometry", "Prepared", "check_image", "checksum", "prepare", "read_image", "transform"]
-
-_NIFTI = (".nii", ".nii.gz")
 
 
 @dataclass
@@ -70,30 +68,6 @@ def checksum(image: np.ndarray, label: np.ndarray | None) -> str:
     return h.hexdigest()
 
 
-def read_image(path: str, spatial_dims: int) -> tuple[np.ndarray, np.ndarray]:
-    """Array with channels first ``(C, *S)`` and its RAS affine; NIfTI via nibabel, anything else via ITK."""
-    from monai.data import ITKReader, NibabelReader
-
-    if not Path(path).exists():
-        raise SampleError("unreadable", f"{path}: file not found")
-    reader = NibabelReader() if path.lower().endswith(_NIFTI) else ITKReader()
-    try:
-        array, meta = reader.get_data(reader.read(path))
-        array = np.asarray(array)
-    except Exception as e:  # any reader failure is a property of the file: nibabel, ITK and zlib raise many kinds
-        detail = (str(e).strip().splitlines() or [""])[-1][:300]
-        raise SampleError("unreadable", f"{path}: {type(e).__name__}: {detail}") from None
-    affine = np.asarray(meta["affine"], dtype=np.float64)
-    n_spatial = len(meta["spatial_shape"])
-    channel_last = array.ndim == n_spatial + 1
-    if spatial_dims == 2 and n_spatial == 3 and array.shape[2] == 1:  # a 2D image stored as one slice
-        array, affine, n_spatial = array[:, :, 0], affine[[0, 1, 3]][:, [0, 1, 3]], 2
-    if n_spatial != spatial_dims or array.ndim not in (spatial_dims, spatial_dims + 1):
-        raise SampleError("wrong_ndim", f"{path}: expected a {spatial_dims}D image, got shape {array.shape}")
-    array = np.moveaxis(array, -1, 0) if channel_last else array[None]
-    return array, affine
-
-
 def _check_finite_nonempty(image: np.ndarray, where: str) -> None:
     if image.size == 0 or min(image.shape) == 0:
         raise SampleError("empty", f"{where}: empty volume, shape {image.shape}")
@@ -108,7 +82,9 @@ def _geometry_close(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and bool(np.allclose(a, b, atol=max(tol, 1e-3)))
 
 
-def _read_label(spec: SampleSpec, image_shape: tuple, image_affine: np.ndarray, spatial_dims: int) -> np.ndarray:
+def _read_label(
+    spec: SampleSpec, image_shape: tuple, image_affine: np.ndarray, spatial_dims: int, num_labels: int | None
+) -> np.ndarray:
     label, affine = read_image(spec.label, spatial_dims)
     if label.shape[0] != 1:
         raise SampleError("label_mismatch", f"{spec.label}: label has {label.shape[0]} channels, expected 1")
@@ -128,6 +104,12 @@ def _read_label(spec: SampleSpec, image_shape: tuple, image_affine: np.ndarray, 
     if label.min() < 0 or label.max() > 65535:
         raise SampleError(
             "label_not_integer", f"{spec.label}: label values must be in 0..65535, got {label.min()}..{label.max()}"
+        )
+    if num_labels is not None and label.max() >= num_labels:
+        raise SampleError(
+            "label_out_of_range",
+            f"{spec.label}: label value {int(label.max())} has no name "
+            f"(the datalist's 'labels' name 0..{num_labels - 1})",
         )
     return label
 
@@ -192,8 +174,19 @@ def _to_storage_dtype(image: np.ndarray, dtype: str) -> np.ndarray:
     return image.astype(dtype, order="K", copy=False)
 
 
-def _foreground_box(image: np.ndarray, margin: int) -> tuple[slice, ...]:
-    fg = (image > image.min(axis=tuple(range(1, image.ndim)), keepdims=True)).any(axis=0)
+def _foreground_box(image: np.ndarray, margin: int, floor: float | None) -> tuple[slice, ...] | None:
+    """Box around the voxels above each channel's background level, on raw (not yet normalised) intensities.
+
+    The background is the channel minimum, or ``floor`` when higher (the ct preset's window low: air inside the
+    field of view is background there, as it is once clipped). Normalisation cannot serve: the mri z-score makes
+    dark tissue more negative than the zero background, so the minimum no longer marks the background.
+    """
+    level = image.min(axis=tuple(range(1, image.ndim)), keepdims=True)
+    if floor is not None:
+        level = np.maximum(level, floor)
+    fg = (image > level).any(axis=0)
+    if not fg.any():
+        return None
     box = []
     for d in range(fg.ndim):
         nz = np.flatnonzero(fg.any(axis=tuple(i for i in range(fg.ndim) if i != d)))
@@ -214,9 +207,12 @@ def _fg_points(label: np.ndarray, n: int, key: str, seed: int) -> list[list[int]
 
 
 def check_image(image: np.ndarray, channels: int, where: str) -> None:
-    """``SampleError`` unless ``image`` ``(C, *S)`` has ``channels`` channels, content and only finite values."""
+    """``SampleError`` unless ``image`` ``(C, *S)`` has ``channels`` channels, no spatial size of 1 (a slice is not a
+    volume: random 3-D crops of it are padding), content and only finite values."""
     if image.shape[0] != channels:
         raise SampleError("wrong_channels", f"{where}: {image.shape[0]} channel(s), expected {channels}")
+    if 1 in image.shape[1:]:
+        raise SampleError("degenerate_shape", f"{where}: spatial shape {list(image.shape[1:])} has a size of 1")
     _check_finite_nonempty(image, where)
 
 
@@ -245,10 +241,14 @@ def transform(
     if spatial_dims == 3 and opts.spacing is not None:
         image, label, affine = _resample(image, label, affine, opts.spacing)
     resampled_shape, resampled_affine = tuple(image.shape[1:]), affine
-    image = _intensity(image, opts)
     box = None
     if opts.crop_foreground:
-        box = _foreground_box(image, opts.fg_margin)
+        box = _foreground_box(image, opts.fg_margin, opts.ct_window[0] if opts.preset == "ct" else None)
+        if box is None:
+            raise SampleError("empty", f"{where}: no voxel above the background level, nothing to crop to")
+    # Normalised over the whole grid, then cropped: the presets' statistics do not depend on the crop.
+    image = _intensity(image, opts)
+    if box is not None:
         image = image[(slice(None), *box)]
         label = label[box] if label is not None else None
         affine = affine.copy()
@@ -266,11 +266,16 @@ def transform(
     return image, label, affine, geometry
 
 
-def prepare(spec: SampleSpec, opts: ConvertOptions, spatial_dims: int, channels: int) -> Prepared:
-    """Read, check and preprocess ``spec``; raise ``SampleError`` for bad input."""
+def prepare(
+    spec: SampleSpec, opts: ConvertOptions, spatial_dims: int, channels: int, num_labels: int | None = None
+) -> Prepared:
+    """Read, check and preprocess ``spec``; raise ``SampleError`` for bad input.
+
+    ``num_labels``: the number of named label values (the datalist's ``labels``); a larger value is an error.
+    """
     if spec.error is not None:
         raise SampleError(*spec.error)
-    parts = [read_image(p, spatial_dims) for p in spec.images]
+    parts = [read_image(p, spatial_dims, spec.files) for p in spec.images]
     affine = parts[0][1]
     for p, (arr, aff) in zip(spec.images[1:], parts[1:]):
         if arr.shape[1:] != parts[0][0].shape[1:] or not _geometry_close(aff, affine):
@@ -278,8 +283,14 @@ def prepare(spec: SampleSpec, opts: ConvertOptions, spatial_dims: int, channels:
     image = np.concatenate([a for a, _ in parts]) if len(parts) > 1 else parts[0][0]  # source dtype until checked
     check_image(image, channels, spec.images[0])
     original_shape, original_affine = list(image.shape[1:]), affine
-    label = _read_label(spec, image.shape[1:], affine, spatial_dims) if spec.label else None
+    label = _read_label(spec, image.shape[1:], affine, spatial_dims, num_labels) if spec.label else None
     image, label, affine, _ = transform(image, affine, opts, spatial_dims, label, spec.images[0])
+    if min(image.shape[1:]) < opts.min_size:
+        raise SampleError(
+            "degenerate_shape",
+            f"{spec.images[0]}: spatial shape {list(image.shape[1:])} after preprocessing (source {original_shape}) "
+            f"is under --min-size {opts.min_size}",
+        )
     fg: list = []
     if label is not None:
         label = label.astype(np.uint8 if label.max() < 256 else np.uint16, order="K", copy=False)
@@ -301,7 +312,7 @@ def prepare(spec: SampleSpec, opts: ConvertOptions, spatial_dims: int, channels:
         "original_shape": original_shape,
         "original_spacing": [round(float(s), 6) for s in np.sqrt((original_affine[:-1, :-1] ** 2).sum(axis=0))],
         "original_affine": np.round(original_affine, 6).tolist(),
-        "source": {"image": spec.images, "label": spec.label},
+        "source": {"image": spec.images, "label": spec.label, **({"series": spec.series} if spec.series else {})},
         "checksum": checksum(image, label),
         "fg_points": fg,
     }

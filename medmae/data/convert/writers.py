@@ -15,6 +15,7 @@ import shutil
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -30,9 +31,10 @@ __all__ = [
     "scan_zarr",
     "read_zarr_sample",
     "remove_temporaries",
+    "SHARD_RE",
 ]
 
-_SHARD_RE = re.compile(r"^(?P<prefix>.*?)(?P<split>train|validation)-(?P<index>\d{6})\.tar$")
+SHARD_RE = re.compile(r"^(?P<prefix>.*?)(?P<split>train|validation|test)-(?P<index>\d{6})\.tar$")
 
 
 def encode_npy(array: np.ndarray) -> bytes:
@@ -58,11 +60,20 @@ class ShardWriter:
     """Writes ``<prefix><split>-NNNNNN.tar`` shards of about ``max_bytes``, each renamed into place when full.
 
     Every converter worker owns one per split; ``allocate()`` hands out shard numbers shared by all of them.
+    ``on_close(path, info)`` runs once a shard is complete under its final name (the upload to an object store).
     """
 
-    def __init__(self, out: Path, split: str, prefix: str, max_bytes: int, allocate: Callable[[], int]):
+    def __init__(
+        self,
+        out: Path,
+        split: str,
+        prefix: str,
+        max_bytes: int,
+        allocate: Callable[[], int],
+        on_close: Callable[[Path, dict], None] | None = None,
+    ):
         self.out, self.split, self.prefix, self.max_bytes = out, split, prefix, max_bytes
-        self.allocate = allocate
+        self.allocate, self.on_close = allocate, on_close
         self.index = -1
         self.tar: tarfile.TarFile | None = None
         self.count = 0
@@ -101,15 +112,12 @@ class ShardWriter:
         tmp = self._tmp()
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, self.out / self.name)
-        self.finished.append(
-            {
-                "name": self.name,
-                "split": self.split,
-                "samples": self.count,
-                "bytes": (self.out / self.name).stat().st_size,
-            }
-        )
+        final = self.out / self.name
+        os.replace(tmp, final)
+        info = {"name": self.name, "split": self.split, "samples": self.count, "bytes": final.stat().st_size}
+        if self.on_close is not None:
+            self.on_close(final, info)
+        self.finished.append(info)
         self.tar, self.count = None, 0
 
 
@@ -117,7 +125,7 @@ def scan_shards(out: Path, prefix: str) -> tuple[list[dict], list[dict]]:
     """Shards already complete under ``out`` and the samples they hold (meta + placement), for resuming."""
     shards, samples = [], []
     for path in sorted(out.glob(f"{prefix}*.tar")):
-        m = _SHARD_RE.match(path.name)
+        m = SHARD_RE.match(path.name)
         if not m or m["prefix"] != prefix:
             continue
         members: dict[str, dict] = {}
@@ -132,10 +140,11 @@ def scan_shards(out: Path, prefix: str) -> tuple[list[dict], list[dict]]:
     return shards, samples
 
 
-def iter_shard_samples(path: str | Path) -> Iterator[dict]:
-    """Every sample of one shard, decoded: ``{"key", "image", "label"?, "meta"}`` (for --verify and tests)."""
+def iter_shard_samples(path: str | Path | BinaryIO) -> Iterator[dict]:
+    """Every sample of one shard (a path or an open binary file), decoded: ``{"key", "image", "label"?, "meta"}``."""
     current: dict = {}
-    with tarfile.open(path, "r:") as tf:
+    opened = {"fileobj": path} if hasattr(path, "read") else {"name": path}
+    with tarfile.open(mode="r:", **opened) as tf:
         for info in tf:
             key, suffix = info.name.split(".", 1)
             if current and current["key"] != key:
@@ -190,7 +199,7 @@ def write_zarr_sample(out: Path, p: Prepared, chunk: int, shard: int) -> None:
 def scan_zarr(out: Path) -> list[dict]:
     """Metadata of the samples already complete in the Zarr group at ``out``."""
     samples = []
-    for split in ("train", "validation"):
+    for split in ("train", "validation", "test"):
         if not (out / split).is_dir():
             continue
         for d in sorted((out / split).iterdir()):
