@@ -39,10 +39,13 @@ class Predictor:
     """A fine-tuned model with what it needs to be applied to a raw image file."""
 
     def __init__(
-        self, model: nn.Module, meta: dict[str, Any], *, overlap: float = 0.5, sw_batch: int = 2, device: str = "auto"
+        self, model: nn.Module, meta: dict[str, Any], *, overlap: float = 0.5, sw_batch: int | None = None,
+        device: str = "auto",
     ) -> None:
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap: must be in [0, 1), got {overlap}")
+        if sw_batch is None:  # a large GPU is idle with a couple of 96³ windows; a CPU gains nothing from more
+            sw_batch = 16 if (device == "auto" and torch.cuda.is_available()) or str(device).startswith("cuda") else 2
         if sw_batch < 1:
             raise ValueError(f"sw_batch: must be >= 1, got {sw_batch}")
         if device == "auto":

@@ -43,6 +43,26 @@ def unpatchify(x: torch.Tensor, patch_size: Sequence[int], grid_size: Sequence[i
     return x.reshape(b, channels, *[g * p for g, p in zip(grid_size, patch_size)])
 
 
+class PatchProjection(nn.Module):
+    """The patch embedding's weights in a strided conv's layout ``(D, C, *patch)`` (checkpoints and MONAI/timm
+    conversions keep working), applied as one matmul to patches already laid out as rows.
+
+    A module of its own, called in forward, so DeepSpeed ZeRO-3 gathers its partitioned weight through its hooks
+    rather than through the external-parameter path that reading a child's weight from the parent relies on.
+    """
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: Sequence[int]) -> None:
+        super().__init__()
+        self.out_channels = embed_dim
+        conv = {2: nn.Conv2d, 3: nn.Conv3d}[len(patch_size)](in_chans, embed_dim, patch_size, stride=patch_size)
+        self.weight = nn.Parameter(conv.weight.detach().clone())  # conv's default init until init_weights runs
+        self.bias = nn.Parameter(conv.bias.detach().clone())
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(B, L, C·prod(p))`` in ``(C, *patch)`` order -> ``(B, L, D)``."""
+        return F.linear(rows, self.weight.reshape(self.out_channels, -1), self.bias)
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patches to tokens: a conv with kernel = stride = patch, for 2D or 3D input.
 
@@ -61,8 +81,7 @@ class PatchEmbed(nn.Module):
                 raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         self.grid_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
         self.num_patches = math.prod(self.grid_size)
-        conv = {2: nn.Conv2d, 3: nn.Conv3d}[self.spatial_dims]
-        self.proj = conv(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.proj = PatchProjection(in_chans, embed_dim, self.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[2:]) != self.img_size:
@@ -72,5 +91,4 @@ class PatchEmbed(nn.Module):
         # (B, C, g0, p0, g1, p1, ...) -> (B, g0, g1, ..., C, p0, p1, ...): rows in the conv weight's (C, *patch) order
         x = x.reshape(b, c, *[d for g, p in zip(self.grid_size, self.patch_size) for d in (g, p)])
         x = x.permute(0, *[2 + 2 * i for i in range(n)], 1, *[3 + 2 * i for i in range(n)])
-        x = x.reshape(b, self.num_patches, -1)
-        return F.linear(x, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
+        return self.proj(x.reshape(b, self.num_patches, -1))

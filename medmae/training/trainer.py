@@ -71,6 +71,8 @@ class Trainer:
         self.engine = create_engine(model, optimizer, cfg.dist, micro_batch=self.derived.micro_batch,
                                     grad_accum=self.derived.grad_accum, grad_clip=cfg.optim.grad_clip)
         self.device = self.engine.device
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed crop and window sizes: UNETR's 3-D convolutions tune once
         seed_everything(rank_seed(cfg.run.seed, self.rank))  # from here on every rank draws its own numbers
         self.step = 0
         self.board = Board(self.run_dir, self.rank)
