@@ -189,14 +189,19 @@ def test_dockerfile_runs_as_non_root_user() -> None:
     assert any(word == "WORKDIR" for word, _ in instructions)
 
 
-def test_dockerfile_keeps_the_base_torch_and_sets_the_environment() -> None:
+def test_dockerfile_ships_the_tested_torch_and_sets_the_environment() -> None:
     instructions = _dockerfile_instructions()
     runs = [rest for word, rest in instructions if word == "RUN"]
-    assert any("^(torch|" in r or "^torch==" in r for r in runs), "the build must pin the base image's torch"
+    args = dict(rest.split("=", 1) for word, rest in instructions if word == "ARG" and "=" in rest)
+    tested = (REPO / "requirements/constraints-cpu.txt").read_text().split("torch==")[1].split()[0]
+    assert args["TORCH_VERSION"] == tested, "the image's torch must be the version the test suite runs with"
+    assert any("^(torch|" in r or "^torch==" in r for r in runs), "the build must pin the torch it installed"
     for r in runs:
         for install in re.findall(r"pip install[^&;|]*", r):
+            if '"torch==${TORCH_VERSION}"' in install:
+                continue  # the one install of torch itself
             assert "--no-deps" in install or "-c /etc/medmae/torch.txt" in install, (
-                f"docker/Dockerfile: `{install.strip()}` could replace the base image's CUDA torch"
+                f"docker/Dockerfile: `{install.strip()}` could replace the image's CUDA torch"
             )
     env = " ".join(rest for word, rest in instructions if word == "ENV")
     assert "RAY_USAGE_STATS_ENABLED=0" in env
@@ -211,7 +216,7 @@ def test_dockerignore_keeps_bulk_out_of_the_context() -> None:
 def test_image_constraints_are_exact_pins() -> None:
     pins = _pins()
     assert all(re.fullmatch(r"[\w.-]+==[\w.+-]+", f"{k}=={v}") for k, v in pins.items())
-    assert "torch" not in {k.lower() for k in pins}, "torch comes from the base image, not docker/constraints.txt"
+    assert "torch" not in {k.lower() for k in pins}, "torch is installed on its own (TORCH_VERSION), not from docker/constraints.txt"
     assert "ray" in pins and "deepspeed" in pins
 
 
