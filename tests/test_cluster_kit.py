@@ -216,7 +216,7 @@ def test_dockerignore_keeps_bulk_out_of_the_context() -> None:
 def test_image_constraints_are_exact_pins() -> None:
     pins = _pins()
     assert all(re.fullmatch(r"[\w.-]+==[\w.+-]+", f"{k}=={v}") for k, v in pins.items())
-    assert "torch" not in {k.lower() for k in pins}, "torch is installed on its own (TORCH_VERSION), not from docker/constraints.txt"
+    assert "torch" not in {k.lower() for k in pins}, "torch is installed on its own (TORCH_VERSION)"
     assert "ray" in pins and "deepspeed" in pins
 
 

@@ -74,3 +74,32 @@ def test_parse_overrides_nests_and_parses_yaml_values():
         "e": True,
         "f": None,
     }
+
+
+def test_elastic_ranges_must_keep_the_global_batch_at_every_worker_count():
+    # Ray Train may start any count in [min_workers, num_workers]: 16 crops cannot be split over 3 workers
+    with pytest.raises(ValueError, match=r"train\.global_batch: 16 cannot be split over 3 workers"):
+        load_config(JobConfig, None, ["dist.num_workers=4", "dist.min_workers=2", "train.micro_batch=2",
+                                      "train.global_batch=16"])
+    cfg = load_config(JobConfig, None, ["dist.num_workers=4", "dist.min_workers=2", "train.micro_batch=2",
+                                        "train.global_batch=24"])
+    # every size keeps 24 samples per step and the same lr; 3 workers take micro-batch 2 × 4 accumulation steps
+    plans = {n: derive(cfg, n) for n in (2, 3, 4)}
+    assert {d.global_batch for d in plans.values()} == {24} and len({d.lr for d in plans.values()}) == 1
+    assert [(d.micro_batch, d.grad_accum) for d in plans.values()] == [(2, 6), (2, 4), (2, 3)]
+    # a micro-batch that does not divide is lowered, never the global batch changed
+    odd = load_config(JobConfig, None, ["train.micro_batch=4", "train.global_batch=12"])
+    assert (derive(odd, 2).micro_batch, derive(odd, 2).grad_accum) == (3, 2)
+
+
+def test_task_options_are_typed_by_the_task():
+    cfg = load_config(JobConfig, None, ["task=segment", "finetune.sw_overlap=0.25", "finetune.score_classes=[1, 3]"])
+    assert cfg.finetune.sw_overlap == 0.25 and cfg.finetune.score_classes == (1, 3)
+    with pytest.raises(ValueError, match=r"unknown config key 'finetune\.labelz'.*labels"):
+        load_config(JobConfig, None, ["task=segment", "finetune.labelz=classes"])
+    with pytest.raises(ValueError, match=r"finetune: task 'pretrain' takes no options"):
+        load_config(JobConfig, None, ["finetune.pretrained=x.safetensors"])
+    with pytest.raises(ValueError, match=r"model\.name: task 'segment' trains UNETR models"):
+        load_config(JobConfig, None, ["task=segment", "model.name=mae_vit_3d_debug"])
+    # round trip through plain data, as the config travels to Ray workers
+    assert to_dict(from_dict(JobConfig, to_dict(cfg))) == to_dict(cfg)

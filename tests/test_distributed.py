@@ -66,6 +66,21 @@ def test_deepspeed_config_batch_identity_and_sections(stage):
     assert ("offload_optimizer" in ds["zero_optimization"]) == (stage > 0)
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_config_syncs_less_and_reduces_in_fp32(stage):
+    ds = build_deepspeed_config(DistributedConfig(zero_stage=stage, precision="bf16"), micro_batch=2, grad_accum=2,
+                                world_size=4, grad_clip=1.0, device_type="cuda")
+    # no synchronised throughput timer around every micro-step (we time steps ourselves)
+    assert ds["timers"] == {"throughput": {"enabled": False}} and ds["wall_clock_breakdown"] is False
+    assert ds["communication_data_type"] == "fp32"
+    zero = ds["zero_optimization"]
+    if stage in (1, 2):  # buckets small enough to overlap with backward, gradients accumulated in fp32
+        assert zero["overlap_comm"] and zero["reduce_bucket_size"] < 5e8
+        assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    else:
+        assert "data_types" not in ds  # stage 0 has no fp32 accumulation mode; stage 3 keeps fp32 partitions
+
+
 def test_deepspeed_config_refusals():
     cfg = DistributedConfig()
     with pytest.raises(ValueError, match="fp16 needs a CUDA"):

@@ -242,3 +242,37 @@ def test_patch_embed_equals_the_strided_conv(img_size, patch):
     conv = torch.nn.functional.conv3d if len(img_size) == 3 else torch.nn.functional.conv2d
     ref = conv(x, pe.proj.weight, pe.proj.bias, stride=patch).flatten(2).transpose(1, 2)
     torch.testing.assert_close(pe(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_training_flops_come_from_the_model_and_count_unetrs_decoder():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from medmae.models import model_config, train_flops_per_sample
+
+    # the meta-device count used for MFU equals a count on real tensors (attention as explicit matmuls: the fused
+    # CPU kernel's backward has no flop formula, so the counter would miss it)
+    torch.manual_seed(0)
+    model = create_model("mae_vit_3d_debug")
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 1, *model.cfg.img_size))[0].backward()
+    assert train_flops_per_sample("mae_vit_3d_debug", model.cfg) == counter.get_total_flops()
+    # UNETR's convolutional decoder costs far more than its ViT encoder: an encoder-only formula misses most of it
+    unetr = train_flops_per_sample("unetr_vit_base_patch16_3d", model_config("unetr_vit_base_patch16_3d"))
+    vit = train_flops_per_sample("vit_3d_cls_debug", model_config("vit_3d_cls_debug", **{
+        k: getattr(model_config("unetr_vit_base_patch16_3d"), k)
+        for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")}))
+    assert unetr > 3 * vit
+
+
+def test_peak_flops_is_keyed_on_the_exact_device_name_and_dtype(monkeypatch):
+    from medmae.training import logs
+
+    assert logs.peak_flops(torch.device("cpu"), torch.bfloat16) is None
+    for name, dtype, peak in [("NVIDIA H100 80GB HBM3", torch.bfloat16, 989e12), ("NVIDIA H100 PCIe", torch.bfloat16,
+                              756e12), ("NVIDIA H100 NVL", torch.bfloat16, 835e12), ("NVIDIA L4", torch.bfloat16,
+                              121e12), ("NVIDIA L40", torch.bfloat16, 181e12), ("NVIDIA H200", torch.float32, 495e12),
+                              ("Tesla T4", torch.bfloat16, None), ("NVIDIA GeForce GTX 1080", torch.bfloat16, None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_a, n=name: n)
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")  # TF32 allowed
+        assert logs.peak_flops(torch.device("cuda"), dtype) == (pytest.approx(peak) if peak else None), name

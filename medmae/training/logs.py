@@ -115,15 +115,16 @@ _PEAKS: dict[str, dict[str, float]] = {
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """Dense peak FLOP/s of ``device`` computing in ``dtype`` (fp32 counts TF32 when PyTorch allows it for
-    matmuls); None for CPUs and for GPUs not in the table, so no MFU is reported rather than a wrong one."""
+    """Dense peak FLOP/s of ``device`` computing in ``dtype`` (fp32 counts TF32 when PyTorch's float32 matmul
+    precision allows it); None for CPUs and for GPUs not in the table, so no MFU is reported rather than a wrong
+    one."""
     if device.type != "cuda":
         return None
     peaks = _PEAKS.get(torch.cuda.get_device_name(device).strip())
     if peaks is None:
         return None
     key = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
-    if key == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+    if key == "fp32" and torch.get_float32_matmul_precision() != "highest":
         key = "tf32"
     return peaks.get(key)
 

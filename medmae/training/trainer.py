@@ -73,6 +73,7 @@ class Trainer:
         self.device = self.engine.device
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed crop and window sizes: UNETR's 3-D convolutions tune once
+            torch.set_float32_matmul_precision("high")  # fp32 runs use TF32 tensor cores (peak_flops counts it)
         seed_everything(rank_seed(cfg.run.seed, self.rank))  # from here on every rank draws its own numbers
         self.step = 0
         self.board = Board(self.run_dir, self.rank)

@@ -1,0 +1,155 @@
+"""Task specs: the BraTS region loss, segmentation metrics (Dice, HD95 in mm, empty cases, the score's classes),
+and a new task added as one spec plus its registration, trained by the real trainer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.losses import DiceCELoss
+
+from medmae.config import load_config
+from medmae.data.convert.options import ConvertOptions
+from medmae.data.convert.run import convert
+from medmae.data.synthetic import write_phantom_dataset
+from medmae.models import ViTClassifier
+from medmae.tasks import Task, register_task, task_class
+from medmae.tasks.finetune import FinetuneOptions, FinetuneTask
+from medmae.tasks.segment import RegionLoss
+from medmae.training.config import JobConfig
+from medmae.training.evaluate import _per_class_scores, evaluate_segmentation
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _nested_regions(shape=(2, 3, 12, 12, 12), seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.rand(shape, generator=g) > 0.4).float()
+    t[:, 1] *= t[:, 0]  # TC inside WT
+    t[:, 2] *= t[:, 1]  # ET inside TC
+    return t
+
+
+@pytest.mark.parametrize("bce", [True, False])
+def test_region_loss_is_zero_for_perfect_logits_and_each_region_learns_alone(bce):
+    target = _nested_regions()
+    perfect = (target * 2 - 1) * 30
+    loss_fn = RegionLoss(bce=bce)
+    assert loss_fn(perfect, target).item() < 1e-4
+    # the old loss (softmax cross-entropy over overlapping channels) cannot reach zero at all
+    old = DiceCELoss(sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5, squared_pred=True)(perfect, target)
+    assert old.item() > 0.3
+    # region independence: changing the ET logits does not change the gradient of the WT logits
+    logits = torch.randn_like(target, requires_grad=True)
+    (g1,) = torch.autograd.grad(loss_fn(logits, target), logits)
+    moved = logits.detach().clone()
+    moved[:, 2] += torch.randn_like(moved[:, 2])
+    moved.requires_grad_(True)
+    (g2,) = torch.autograd.grad(loss_fn(moved, target), moved)
+    torch.testing.assert_close(g1[:, :2], g2[:, :2])
+    assert not torch.allclose(g1[:, 2], g2[:, 2])
+
+
+def test_dice_and_hd95_in_mm_with_misses_false_positives_and_absent_classes():
+    shape = (20, 20, 20)
+    pred, target = torch.zeros(4, *shape), torch.zeros(4, *shape)
+    target[0, 5:10, 5:10, 5:10] = 1  # class 0: predicted 2 voxels off along the first axis
+    pred[0, 7:12, 5:10, 5:10] = 1
+    target[1, 2:6, 2:6, 2:6] = 1  # class 1: missed entirely
+    pred[2, 2:6, 2:6, 2:6] = 1  # class 2: a false positive (nothing there)
+    # class 3: empty in both
+    iso = _per_class_scores(pred, target, [1.0, 1.0, 1.0])
+    aniso = _per_class_scores(pred, target, [3.0, 1.0, 1.0])
+    assert iso[0][0] == pytest.approx(2 * 75 / 250) and iso[0][1] == pytest.approx(2.0)
+    assert aniso[0][1] == pytest.approx(6.0)  # the offset axis has 3 mm voxels: distances are in mm
+    diagonal = float(np.sqrt(3 * 20**2))
+    assert iso[1] == (0.0, pytest.approx(diagonal))  # a miss costs the most a distance can be
+    assert iso[2] == (0.0, pytest.approx(diagonal))  # and so does a false positive
+    assert iso[3] is None  # absent: neither 0 nor 1
+
+
+class _Volumes(torch.utils.data.Dataset):
+    """Validation volumes with a known prediction: the 'model' below returns the label's one-hot."""
+
+    def __init__(self, labels: list[np.ndarray]) -> None:
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        lab = torch.from_numpy(self.labels[i])
+        return {"image": lab[None, None].float(), "label": lab[None, None].long(), "meta": {"spacing": [2.0, 2.0, 2.0]}}
+
+
+class _Oracle(torch.nn.Module):
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(x[:, 0].round().long(), self.k).movedim(-1, 1).float() * 10
+
+
+def test_segmentation_results_report_absent_classes_and_score_the_chosen_ones():
+    a = np.zeros((16, 16, 16), np.int64)
+    a[2:8, 2:8, 2:8] = 1
+    a[9:14, 9:14, 9:14] = 2
+    b = np.zeros_like(a)
+    b[3:9, 3:9, 3:9] = 1  # class 2 absent, class 3 never occurs anywhere
+    loader = torch.utils.data.DataLoader(_Volumes([a, b]), batch_size=None)
+    res = evaluate_segmentation(_Oracle(4), loader, roi=(16, 16, 16), num_classes=4, regions=False,
+                                device=torch.device("cpu"), dtype=torch.float32, class_names=["x", "y", "z"],
+                                score_classes=[0, 1])
+    assert res["dice"] == {"x": 1.0, "y": 1.0, "z": None} and res["hd95"]["z"] is None
+    assert res["absent"] == {"y": 1, "z": 2} and res["volumes"] == 2
+    assert res["score"] == 1.0 and res["score_classes"] == ["x", "y"] and res["mean_dice"] == 1.0
+    json.dumps(res)  # results.json holds it as is: None becomes null, never 0.0
+
+
+@dataclass
+class _ForegroundOptions(FinetuneOptions):
+    threshold: float = 0.0
+    """voxels above it count as foreground"""
+
+
+@register_task
+class _ForegroundFraction(FinetuneTask):
+    """A new task in a few lines: regress the fraction of foreground voxels of a crop with a ViT."""
+
+    name = "test_foreground_fraction"
+    default_model = "vit_3d_cls_debug"
+    model_classes = (ViTClassifier,)
+    options = _ForegroundOptions
+    metric = "MSE"
+    file_kinds = ()
+
+    def loss(self, model, batch):
+        pred = model(batch["image"]).float()[:, 0]
+        target = (batch["label"] > self.opts.threshold).float().flatten(1).mean(1)
+        return torch.nn.functional.mse_loss(pred, target), pred
+
+    def export(self, state, resolved, directory, filename=None):
+        return []
+
+
+def test_a_new_task_is_one_spec_and_its_registration(tmp_path):
+    root = tmp_path / "data"
+    datalist = write_phantom_dataset(root / "raw", n=3, shape=(24, 24, 24), num_classes=2, seed=1)
+    convert(datalist, root / "wds", ConvertOptions(format="wds", preset="ct", workers=0), progress=False)
+    assert task_class("test_foreground_fraction") is _ForegroundFraction
+    cfg = load_config(JobConfig, None, [
+        "task=test_foreground_fraction", "model.num_classes=1", "model.img_size=[16,16,16]", "model.patch_size=8",
+        f"data.path={root / 'wds'}", "data.roi_size=[16,16,16]", "data.num_workers=0", "data.samples_per_epoch=8",
+        f"run.output_dir={tmp_path / 'runs'}", "run.name=fg", "train.max_steps=3", "dist.num_workers=1",
+        "finetune.threshold=0.5", "run.log_every=1"])
+    from medmae.training.trainer import Trainer
+
+    Trainer(cfg).train()
+    lines = [json.loads(x) for x in (tmp_path / "runs" / "fg" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3] and all(np.isfinite(x["train/loss"]) for x in lines)
+    assert issubclass(_ForegroundFraction, Task)
