@@ -38,7 +38,7 @@ __all__ = ["Engine", "create_engine", "import_deepspeed", "init_process_group"]
 
 logger = logging.getLogger(__name__)
 
-META_FILE = "medmae_dist.json"
+META_FILE = "medmae_dist.json"  # rank 0 writes it last: a step folder holding it is a complete checkpoint
 
 
 def import_deepspeed():

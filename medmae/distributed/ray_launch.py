@@ -40,7 +40,6 @@ __all__ = ["checkpoint_dir", "ensure_ray", "forwarded_env", "in_ray_worker", "la
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-COMPLETE_MARKER = "medmae_dist.json"  # written by Engine.save on rank 0 after every rank's shard is on disk
 # Variables the launching shell sets for the workers: NCCL / libfabric (EFA) tuning, and medmae's own.
 FORWARDED_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "FI_", "MEDMAE_")
 
@@ -137,7 +136,9 @@ def latest_checkpoint_dir(run_dir: str | os.PathLike | None = None) -> Path | No
 
 
 def _has_marker(path: Path) -> bool:
-    return any((sub / COMPLETE_MARKER).is_file() for sub in path.iterdir() if sub.is_dir())
+    from medmae.distributed.engine import META_FILE  # engine imports DeepSpeed lazily; this module stays light
+
+    return any((sub / META_FILE).is_file() for sub in path.iterdir() if sub.is_dir())
 
 
 _STARTED_LOCALLY = False  # whether ensure_ray started a private Ray (which has no autoscaler to add GPU nodes)

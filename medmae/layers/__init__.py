@@ -2,7 +2,7 @@
 
 from medmae.layers.attention import Attention
 from medmae.layers.block import Block, PrefixTokens
-from medmae.layers.patch_embed import PatchEmbed, patchify, to_ntuple, unpatchify
+from medmae.layers.patch_embed import PatchEmbed, patchify, unpatchify
 from medmae.layers.pos_embed import PosEmbed, interpolate_pos_embed, sincos_pos_embed
 
 __all__ = [
@@ -14,6 +14,5 @@ __all__ = [
     "interpolate_pos_embed",
     "patchify",
     "sincos_pos_embed",
-    "to_ntuple",
     "unpatchify",
 ]

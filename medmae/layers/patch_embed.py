@@ -10,16 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def to_ntuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
-    """``16 -> (16, 16, 16)`` for ``n=3``; a sequence must already have ``n`` items."""
-    if isinstance(value, int):
-        return (value,) * n
-    value = tuple(int(v) for v in value)
-    if len(value) != n:
-        raise ValueError(f"expected {n} values, got {value}")
-    return value
-
-
 def patchify(imgs: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
     """``(B, C, *S)`` -> ``(B, L, prod(p)·C)``; each row lists one patch's voxels in (p..., C) order."""
     b, c, *spatial = imgs.shape

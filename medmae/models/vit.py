@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from timm.layers import to_ntuple
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from medmae.layers import Block, PatchEmbed, PosEmbed, PrefixTokens, to_ntuple
+from medmae.layers import Block, PatchEmbed, PosEmbed, PrefixTokens
 
 
 @dataclass
@@ -64,7 +65,7 @@ class ViTConfig:
 
     @property
     def patch(self) -> tuple[int, ...]:
-        return to_ntuple(self.patch_size, self.spatial_dims)
+        return to_ntuple(self.spatial_dims)(self.patch_size)
 
     @property
     def grid_size(self) -> tuple[int, ...]:
