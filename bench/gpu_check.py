@@ -10,6 +10,8 @@ Sections (each guarded: a failure is recorded and the next section runs):
             MaskedAutoEncoderViT (autocast), at several batch sizes; FLOPs from torch's flop counter; MFU
   engine    the same model in our DeepSpeed engine (ZeRO-2 bf16): step time and host syncs per step, with our
             generated config and with DeepSpeed's throughput timer switched back on (the old config)
+  profile   where a step's time goes: GPU-busy time vs wall time, kernels per step, the costliest host operations
+            (model alone, and inside the DeepSpeed engine)
   pinned    whether a non_blocking host-to-device copy of a batch overlaps (pinned) or blocks (pageable)
   loader    crops/s of the resident crop path on the device vs the model's own consumption rate
   train     a short pretraining run of the real trainer (DeepSpeed ZeRO-2 bf16, one process) on generated shards
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medmae.io import write_json_atomic  # noqa: E402
 from medmae.models import create_model  # noqa: E402
 
-SECTIONS = ("env", "sdpa", "model", "engine", "pinned", "loader", "train", "compile")
+SECTIONS = ("env", "sdpa", "model", "engine", "profile", "pinned", "loader", "train", "compile")
 
 
 def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
@@ -266,6 +268,64 @@ def section_engine(args, device):
     old = _engine_run(args, device, b, timers=True)
     return {"batch": b, "zero": 2, "ours": ours, "with_throughput_timer": old,
             "timer_cost": old["step_s"] / ours["step_s"]}
+
+
+def _profile_steps(step, device, n: int = 3) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / n
+    events = prof.key_averages()
+
+    def self_device(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+
+    gpu = [e for e in events if e.device_type.name == "CUDA"]
+    busy = sum(self_device(e) for e in gpu) / n / 1e6
+    cpu = sorted((e for e in events if e.device_type.name == "CPU"), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {
+        "wall_ms": wall * 1e3, "gpu_busy_ms": busy * 1e3, "gpu_busy_fraction": busy / wall,
+        "kernels_per_step": sum(e.count for e in gpu) / n,
+        "syncs_per_step": sum(e.count for e in events if "Synchronize" in e.key) / n,
+        "top_host_ops_ms": {e.key[:60]: round(e.self_cpu_time_total / n / 1e3, 2) for e in cpu[:10]},
+        "top_kernels_ms": {e.key[:60]: round(self_device(e) / n / 1e3, 2)
+                           for e in sorted(gpu, key=self_device, reverse=True)[:6]},
+    }
+
+
+def section_profile(args, device):
+    if device.type != "cuda":
+        return {"skipped": "no CUDA"}
+    b = args.batch[-1]
+    torch.manual_seed(0)
+    model = create_model("mae_vit_base_patch16_3d", **model_kwargs(args)).to(device, torch.bfloat16)
+    x = torch.randn(b, 1, *model.cfg.img_size, device=device, dtype=torch.bfloat16)
+    out = {"batch": b, "model_alone": _profile_steps(_step(model, x, None), device)}
+    del model
+    from medmae.distributed import DistributedConfig, create_engine
+    from medmae.training.config import OptimConfig
+    from medmae.training.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = create_model("mae_vit_base_patch16_3d", **model_kwargs(args))
+    eng = create_engine(model, build_optimizer(model, OptimConfig(), 1e-4, device.type),
+                        DistributedConfig(num_workers=1, zero_stage=2, precision="bf16"), micro_batch=b, grad_accum=1,
+                        grad_clip=1.0)
+
+    def step():
+        loss = eng(x)[0]
+        eng.backward(loss)
+        eng.step()
+
+    out["deepspeed_zero2"] = _profile_steps(step, device)
+    return out
 
 
 def section_pinned(args, device):
