@@ -268,7 +268,7 @@ def _manifest(opts, settings, input_path, state: _State, label_names, complete: 
         "complete": complete,
         "tool": "tools/to_wds.py",
         "version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "input": str(input_path),
         "task": "classification" if has_target else ("segmentation" if label_max is not None else "image"),
         "spatial_dims": settings["spatial_dims"],
