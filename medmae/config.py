@@ -59,7 +59,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in get_args(tp):
             raise ValueError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
@@ -107,13 +107,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ValueError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
 
 
-def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
+def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:  # cls: a dataclass
     """Build dataclass ``cls`` from ``data``; every key must be a field, every value must fit its annotation."""
     data = data or {}
     if not isinstance(data, dict):
         raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    names = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ValueError(f"unknown config key '{prefix}{unknown[0]}'; valid keys under "

@@ -53,6 +53,7 @@ def load_and_preprocess(path: str, opts: ConvertOptions, channels: int) -> tuple
     Raises ``SampleError`` naming the file for unreadable inputs, a wrong channel count or empty / non-finite data.
     """
     spatial_dims = opts.spatial_dims
+    assert spatial_dims is not None, "options_from_preprocessing always sets spatial_dims"
     image, affine = read_image(path, spatial_dims)
     check_image(image, channels, path)
     image, _, _, geometry = transform(image, affine, opts, spatial_dims, where=path)

@@ -65,10 +65,10 @@ def trial_job(cfg: SweepConfig, spec: TrialSpec) -> JobConfig:
     base = yaml.safe_load(path.read_text()) or {}
     root = sweep_dir(cfg)
     res = cfg.resources
-    storage = root / "checkpoints"
+    storage = str(root / "checkpoints")
     if cfg.checkpoint_storage:
         storage = f"{_abs(cfg.checkpoint_storage).rstrip('/')}/{cfg.name}"
-    trial = {
+    trial: dict[str, dict[str, Any]] = {
         "run": {"name": spec.name, "output_dir": str(root / "trials"), "seed": spec.seed},
         "data": {"train_fraction": spec.train_fraction, "subset_seed": spec.seed},
         "optim": {cfg.grid.lr_key: spec.lr},

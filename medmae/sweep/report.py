@@ -108,7 +108,7 @@ def _summary_md(rows: list[dict[str, Any]], agg: dict[tuple[str, float], dict[st
     metric = next((r["metric"] for r in rows if r["metric"]), "score")
     inits = [i for i in ("scratch", "mae") if any(k[0] == i for k in agg)]
     fractions = sorted({k[1] for k in agg})
-    counts = defaultdict(int)
+    counts: dict[str, int] = defaultdict(int)
     for row in rows:
         counts[row["status"]] += 1
     lines = [f"# {title}: label efficiency", "",

@@ -63,7 +63,7 @@ class OptimConfig:
     """max global gradient norm (0 = no clipping)"""
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
         if self.base_lr <= 0 or (self.lr is not None and self.lr <= 0):
             raise ValueError("base_lr/lr: must be positive")
         if self.min_lr < 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:

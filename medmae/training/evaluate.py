@@ -29,7 +29,8 @@ def segment_volume(model: torch.nn.Module, image: torch.Tensor, roi: tuple[int, 
     return sliding_window_inference(image, roi, sw_batch, predict, overlap=overlap, mode="gaussian")
 
 
-def _per_class_scores(pred: torch.Tensor, target: torch.Tensor, spacing: list[float]) -> list[tuple]:
+def _per_class_scores(pred: torch.Tensor, target: torch.Tensor,
+                      spacing: list[float]) -> list[tuple[float, float] | None]:
     """Binary ``(K, *S)`` masks of one volume -> per class ``(dice, hd95_mm)``, or None where the class is absent.
 
     Empty cases, as the segmentation benchmarks score them: ground truth and prediction both empty -> absent (not a
@@ -40,7 +41,7 @@ def _per_class_scores(pred: torch.Tensor, target: torch.Tensor, spacing: list[fl
 
     dims = pred.shape[1:]
     diagonal = float(np.sqrt(sum((n * s) ** 2 for n, s in zip(dims, spacing))))
-    out: list[tuple | None] = []
+    out: list[tuple[float, float] | None] = []
     both = []
     for c in range(pred.shape[0]):
         p, t = pred[c].bool(), target[c].bool()
@@ -57,7 +58,9 @@ def _per_class_scores(pred: torch.Tensor, target: torch.Tensor, spacing: list[fl
         hd = compute_hausdorff_distance(pred[both][None].float(), target[both][None].float(), include_background=True,
                                         percentile=95, spacing=list(spacing))[0]
         for c, v in zip(both, hd.tolist()):
-            out[c] = (out[c][0], float(v))
+            dice_c = out[c]
+            assert dice_c is not None  # both masks are non-empty here
+            out[c] = (dice_c[0], float(v))
     return out
 
 

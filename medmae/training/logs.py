@@ -41,7 +41,7 @@ class Board:
             self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
 
     def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
-        if self.writer is None:
+        if self.writer is None or self.jsonl is None:
             return
         for k, v in values.items():
             if v is not None:
@@ -58,6 +58,7 @@ class Board:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+        if self.jsonl is not None:
             self.jsonl.close()
 
 

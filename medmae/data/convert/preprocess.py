@@ -85,6 +85,7 @@ def _geometry_close(a: np.ndarray, b: np.ndarray) -> bool:
 def _read_label(
     spec: SampleSpec, image_shape: tuple, image_affine: np.ndarray, spatial_dims: int, num_labels: int | None
 ) -> np.ndarray:
+    assert spec.label is not None, "called for labelled samples only"
     label, affine = read_image(spec.label, spatial_dims)
     if label.shape[0] != 1:
         raise SampleError("label_mismatch", f"{spec.label}: label has {label.shape[0]} channels, expected 1")

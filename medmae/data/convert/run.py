@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -145,10 +146,12 @@ def _close_writers() -> None:
         w.close()
 
 
-def _worker_main(tasks, results, initargs) -> None:
+def _worker_main(tasks, results, initargs: tuple[Any, ...]) -> None:
     """Worker process: convert specs from ``tasks`` until ``None``, writing its own shards and reporting each one
     it closes; then close the open ones."""
-    _init_worker(*initargs, report_shard=lambda info: results.put((-2, info)))
+    opts, output, spatial_dims, channels, num_labels, numbers = initargs
+    _init_worker(opts, output, spatial_dims, channels, num_labels, numbers,
+                 report_shard=lambda info: results.put((-2, info)))
     for i, spec in iter(tasks.get, None):
         results.put((i, _work(spec)))
     _close_writers()
@@ -163,7 +166,7 @@ def _run_workers(todo: list[SampleSpec], initargs: tuple, workers: int, handle, 
 
     # fork: workers start in milliseconds; they run torch single-threaded (as DataLoader workers do), so thread
     # pools the parent may hold are never used in a child. Only specs and metadata cross process boundaries.
-    ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
+    ctx: Any = mp.get_context("fork" if os.name == "posix" else "spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
     procs = [ctx.Process(target=_worker_main, args=(tasks, results, initargs), daemon=True) for _ in range(workers)]
     for p in procs:

@@ -87,7 +87,7 @@ def _from_folder(root: Path, opts: ConvertOptions) -> list[SampleSpec]:
             return root / name
         return root / default if (root / default).is_dir() else fallback
 
-    images_dir, labels_dir = sub(opts.images_dir, "imagesTr", root), sub(opts.labels_dir, "labelsTr", None)
+    images_dir, labels_dir = sub(opts.images_dir, "imagesTr", root) or root, sub(opts.labels_dir, "labelsTr", None)
     files = sorted(p for p in images_dir.iterdir() if _is_image(p) and p != labels_dir)
     if any(p.suffix.lower() == ".dcm" for p in files):  # loose slices: the folder itself is a DICOM folder
         files = [images_dir] + [p for p in files if p.suffix.lower() != ".dcm"]
@@ -296,7 +296,7 @@ def discover(input_path: str | Path, opts: ConvertOptions) -> tuple[list[SampleS
         seen.setdefault(s.key, s)
     pool = [s for s in specs if s.split == "train" and s.error is None]
     if opts.val_fraction > 0 and pool and not any(s.split == "validation" for s in specs):
-        groups = [s.group for s in pool] if opts.group_col else None
+        groups = [str(s.group) for s in pool] if opts.group_col else None
         for i in hold_out([s.key for s in pool], groups, opts.val_fraction, opts.seed):
             pool[i].split = "validation"
     _check_patient_overlap(specs)

@@ -134,10 +134,17 @@ def scan_shards(out: Path, prefix: str) -> tuple[list[dict], list[dict]]:
                 key, suffix = info.name.split(".", 1)
                 members.setdefault(key, {})[suffix] = [info.offset_data, info.size]
                 if suffix == "json":
-                    meta = json.loads(tf.extractfile(info).read())
+                    meta = json.loads(_member(tf, info))
                     samples.append({**meta, "shard": path.name, "members": members[key]})
         shards.append({"name": path.name, "split": m["split"], "samples": len(members), "bytes": path.stat().st_size})
     return shards, samples
+
+
+def _member(tf: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    f = tf.extractfile(info)
+    if f is None:  # a link or folder: our shards hold regular files only
+        raise OSError(f"{tf.name}: member {info.name} is not a regular file")
+    return f.read()
 
 
 def iter_shard_samples(path: str | Path | BinaryIO) -> Iterator[dict]:
@@ -151,7 +158,7 @@ def iter_shard_samples(path: str | Path | BinaryIO) -> Iterator[dict]:
                 yield current
                 current = {}
             current.setdefault("key", key)
-            data = tf.extractfile(info).read()
+            data = _member(tf, info)
             if suffix == "json":
                 current["meta"] = json.loads(data)
             else:
