@@ -143,7 +143,7 @@ def scan_shards(out: Path, prefix: str) -> tuple[list[dict], list[dict]]:
 def _member(tf: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
     f = tf.extractfile(info)
     if f is None:  # a link or folder: our shards hold regular files only
-        raise OSError(f"{tf.name}: member {info.name} is not a regular file")
+        raise OSError(f"{tf.name!s}: member {info.name} is not a regular file")
     return f.read()
 
 
