@@ -1,0 +1,457 @@
+"""The trainer's data: one endless, persistent, checkpointable stream of training batches on the model's device.
+
+Usage (one per rank, built once; it runs across epochs and never restarts its workers)::
+
+    stream = build_train_stream(cfg.data, batch_size=4, rank=rank, world_size=world, seed=cfg.run.seed,
+                                with_labels=False, device=torch.device("cuda", local_rank))
+    if resumed:
+        stream.load_state_dict(saved["data"])       # before the first batch
+    for step in range(max_steps):
+        batch = next(stream)                        # {"image": (B, C, *roi) float32 on device, ["label"]}
+        ...
+        if checkpoint_now:
+            saved["data"] = stream.state_dict()     # JSON-safe; save one per rank
+        if log_now:
+            board.scalars(stream.stats(), step, prefix="data/")
+    stream.close()
+
+Two crop paths behind the same interface (``data.loader``): ``resident`` (``ResidentStream``: loader workers
+decode whole volumes into a resident set on the device, cropped and augmented there in batch) and ``stream``
+(``CropStream``: today's per-crop CPU path, run in the workers). ``auto`` takes ``resolve_loader``'s rule.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from pathlib import PurePosixPath
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from medmae.data.config import DataConfig
+from medmae.data.pipeline import SkipCounters
+from medmae.data.resident import ResidentSet, default_gather
+from medmae.data.sampling import CropSampler
+from medmae.data.sources import Source, VolumeSource, resolve_sources
+
+__all__ = ["TrainStream", "build_train_stream", "resolve_loader", "resident_budget_bytes"]
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+def resolve_loader(cfg: DataConfig, device: torch.device) -> str:
+    """``data.loader`` with ``auto`` decided: resident everywhere except 2D random resized crops on a CPU, where
+    the per-crop resize dominates both paths and the stream path spreads it over the worker processes
+    (bench/bench_data.py measures both)."""
+    if cfg.loader != "auto":
+        return cfg.loader
+    return "stream" if cfg.crop == "resized" and device.type != "cuda" else "resident"
+
+
+def resident_budget_bytes(cfg: DataConfig, device: torch.device, local_world_size: int) -> int:
+    """``data.resident_gib``, or the default: 25% of the CUDA device's memory (each rank has its own device; the
+    model and its activations keep the rest), or on a CPU 25% of the machine's RAM shared by its local ranks."""
+    if cfg.resident_gib > 0:
+        return int(cfg.resident_gib * 2**30)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 4
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // 4 // max(1, local_world_size)
+
+
+def _name(path: str) -> str:
+    return PurePosixPath(path.rstrip("/")).name or path
+
+
+class TrainStream:
+    """Endless iterator of batches on ``device``; ``state_dict`` / ``load_state_dict`` / ``stats`` / ``close``.
+
+    Shared machinery: one DataLoader over a ``VolumeSource``-based dataset, created at the first batch (so a
+    restored position reaches the workers) and kept for the whole run; items are consumed in a fixed round-robin
+    over the workers (tracked here, not left to the DataLoader), which makes the sequence a function of the
+    seed and of the per-worker positions saved in ``state_dict``.
+    """
+
+    mode = ""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        sources: list[Source],
+        dataset,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+        counters: SkipCounters,
+    ):
+        self.cfg, self.sources, self.dataset, self.batch_size = cfg, sources, dataset, batch_size
+        self.rank, self.world_size, self.seed, self.device, self.counters = rank, world_size, seed, device, counters
+        self.num_workers = max(1, cfg.num_workers)
+        self.names = self._names()
+        self.batches = 0
+        self.phase = 0
+        self.positions: dict[int, dict] = {}
+        self.crops = np.zeros(len(sources), dtype=np.int64)
+        self.wait_s = 0.0
+        self._it = None
+        self._pending: dict[int, deque] = {w: deque() for w in range(self.num_workers)}
+        self._restore: dict | None = None
+
+    def _names(self) -> list[str]:
+        names = [_name(s.path) for s in self.sources]
+        return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
+    # ---- items from the workers
+    def _start_loader(self) -> None:
+        w = self.cfg.num_workers
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=w,
+            prefetch_factor=self.cfg.prefetch_factor if w else None,
+            pin_memory=self.device.type == "cuda",
+        )
+        self._it = iter(loader)
+
+    def _pull(self) -> dict:
+        t = time.perf_counter()
+        item = next(self._it)
+        self.wait_s += time.perf_counter() - t
+        return item
+
+    def _next_item(self) -> dict:
+        """The next item in round-robin worker order, buffering what other workers delivered first."""
+        w = self.phase
+        while not self._pending[w]:
+            item = self._pull()
+            self._pending[int(item["worker"])].append(item)
+        self.phase = (w + 1) % self.num_workers
+        item = self._pending[w].popleft()
+        self.positions[w] = item["pos"]
+        return item
+
+    # ---- checkpoint
+    def _common_state(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "mode": self.mode,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "batch_size": self.batch_size,
+            "datasets": [s.path for s in self.sources],
+            "batches": self.batches,
+            "phase": self.phase,
+            "positions": {str(w): p for w, p in sorted(self.positions.items())},
+            "crops": self.crops.tolist(),
+        }
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def _exact(self, state: dict) -> bool:
+        """Whether ``state`` can be continued exactly here; else its epochs are carried over and logged."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data state: version {state.get('version')}, this code reads {STATE_VERSION}")
+        if state["datasets"] != [s.path for s in self.sources]:
+            raise ValueError(
+                f"data state: saved for datasets {state['datasets']}, this run reads {[s.path for s in self.sources]}"
+            )
+        same = all(state[k] == getattr(self, k) for k in ("seed", "rank", "world_size", "num_workers"))
+        return same and state["mode"] == self.mode and state["batch_size"] == self.batch_size
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (``state_dict()`` of this rank); must come before the first batch."""
+        if self._it is not None:
+            raise RuntimeError("load_state_dict: the stream has already started; restore before the first batch")
+        exact = self._exact(state)
+        self.batches, self.crops = int(state["batches"]), np.asarray(state["crops"], dtype=np.int64)
+        positions = {int(w): p for w, p in state["positions"].items()}
+        same_split = all(state[k] == getattr(self, k) for k in ("seed", "rank", "world_size", "num_workers"))
+        if same_split:  # the workers read the same shards: each continues where it was
+            self.positions, self.phase = positions, int(state["phase"])
+            self.dataset.source.start = dict(positions)
+        else:  # another split (elastic resize): every worker starts the epoch after the last one any had begun
+            epochs = [
+                max((p["datasets"][d][0] for p in positions.values()), default=-1) + 1 for d in range(len(self.sources))
+            ]
+            log.warning(
+                "data state saved with seed/rank/world_size/num_workers %s; now %s: starting epochs %s",
+                [state[k] for k in ("seed", "rank", "world_size", "num_workers")],
+                [self.seed, self.rank, self.world_size, self.num_workers],
+                epochs,
+            )
+            self.dataset.source.start = {
+                w: {"n": 0, "datasets": [[e, 0, 0] for e in epochs]} for w in range(self.num_workers)
+            }
+        self._restore = state if exact else None
+        self._load_extra(state, exact)
+
+    def _load_extra(self, state: dict, exact: bool) -> None:
+        pass
+
+    # ---- reporting
+    def stats(self) -> dict[str, float]:
+        """Counters for the log and TensorBoard: crops per dataset, skips, time waiting for the workers."""
+        out = {f"crops/{n}": float(c) for n, c in zip(self.names, self.crops)}
+        out.update({k: float(v) for k, v in self.counters.as_dict().items()})
+        out.update(batches=float(self.batches), wait_s=self.wait_s)
+        for d, n in enumerate(self.names):
+            epochs = [p["datasets"][d][0] for p in self.positions.values()]
+            if epochs:
+                out[f"epoch/{n}"] = float(max(epochs))
+        return out
+
+    def __iter__(self) -> TrainStream:
+        return self
+
+    def close(self) -> None:
+        """Stop the loader workers."""
+        self._it = None  # the iterator's destructor shuts its workers down
+
+    def __del__(self) -> None:
+        self._it = None
+
+
+class ResidentStream(TrainStream):
+    """Volumes decoded by the workers into a ``ResidentSet`` on the device; batches cut there.
+
+    Each batch first swaps in ``batch / resident_reuse`` volumes (a running fraction), so every volume yields
+    ``resident_reuse`` crops on average; the first batch waits until the set is full or holds the rank's share
+    of the data. Crop and augmentation parameters come from a per-rank ``CropSampler``.
+    """
+
+    mode = "resident"
+
+    def __init__(self, *args, resident: ResidentSet, sampler: CropSampler, fill_target: int, dtype: torch.dtype, **kw):
+        super().__init__(*args, **kw)
+        self.resident, self.sampler, self.fill_target, self.dtype = resident, sampler, fill_target, dtype
+        self.credit = 0.0
+
+    def _insert(self, item: dict) -> None:
+        self.resident.insert(item)
+
+    def _fill(self) -> None:
+        r = self.resident
+        while len(r) < self.fill_target:
+            item = self._next_item()
+            full = r.would_evict(int(np.prod(item["image"].shape[1:])))
+            self._insert(item)
+            if full:
+                break
+        log.info(
+            "resident set: %d volumes, %.2f of %.2f GiB on %s",
+            len(r),
+            r.used_bytes() / 2**30,
+            r.nbytes / 2**30,
+            self.device,
+        )
+
+    def _restore_set(self, state: dict) -> None:
+        """Re-read the checkpointed resident volumes (by key, spread over the workers) into their old places."""
+        vols = state["resident"]["volumes"]
+        placed: dict[int, dict] = {}
+        while len(placed) < len(vols):
+            item = self._pull()
+            if "preload" in item:
+                placed[int(item["preload"])] = item
+            else:
+                self._pending[int(item["worker"])].append(item)
+        for i, (_, _, offset, slot) in enumerate(vols):
+            self.resident.insert(placed[i], slot=slot, offset=offset)
+        self.resident.head = int(state["resident"]["head"])
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._it is None:
+            if self._restore is not None:
+                self.dataset.source.preload = [(d, k) for d, k, _, _ in self._restore["resident"]["volumes"]]
+            self._start_loader()
+            if self._restore is not None:
+                self._restore_set(self._restore)
+            if len(self.resident) == 0:
+                self._fill()
+        self.credit += self.batch_size / self.cfg.resident_reuse
+        while self.credit >= 1.0:
+            self._insert(self._next_item())
+            self.credit -= 1.0
+        r = self.resident
+        p = self.sampler.draw(self.batch_size, r.live(), r.shape, r.fg, r.nfg)
+        batch = r.crop(p, self.dtype)
+        self.crops += np.bincount(r.dataset[p.slot], minlength=len(self.sources))
+        self.batches += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        if self._it is None and self._restore is not None:
+            return self._restore  # restored but not yet started: the position is still the saved one
+        r = self.resident
+        volumes = [[int(r.dataset[s]), r.keys[s], int(r.offset[s]), int(s)] for s in r.fifo]
+        return {
+            **self._common_state(),
+            "credit": self.credit,
+            "sampler": self.sampler.state_dict(),
+            "resident": {"head": r.head, "volumes": volumes, "inserted": r.inserted, "evicted": r.evicted},
+        }
+
+    def _load_extra(self, state: dict, exact: bool) -> None:
+        if exact:
+            self.credit = float(state["credit"])
+            self.sampler.load_state_dict(state["sampler"])
+        else:  # fresh draws for the part after the restart, still a function of the seed
+            self.sampler.rng = np.random.default_rng([self.seed, self.rank, 2, self.batches])
+
+    def stats(self) -> dict[str, float]:
+        r = self.resident
+        return {
+            **super().stats(),
+            "resident_volumes": float(len(r)),
+            "resident_gib": r.used_bytes() / 2**30,
+            "resident_capacity_gib": r.nbytes / 2**30,
+            "refills": float(r.inserted),
+            "evictions": float(r.evicted),
+        }
+
+
+def build_train_stream(
+    cfg: DataConfig,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    with_labels: bool = False,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    local_world_size: int | None = None,
+) -> TrainStream:
+    """The training stream of one rank (see the module docstring). ``image`` arrives as ``dtype`` (float32 by
+    default; pass the model's bf16 to save its cast), ``label`` as (B, 1, *roi) int64 (segmentation) or (B, K)
+    float32 (classification) when ``with_labels``; all on ``device`` (default: CUDA when present, else CPU)."""
+    from medmae.data.crop_stream import CropStream, WorkerCrops
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank: must be in [0, world_size={world_size}), got {rank}")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    sources = resolve_sources(cfg, with_labels)
+    mode = resolve_loader(cfg, device)
+    first = sources[0].manifest
+    task = first["task"]
+    if with_labels and cfg.crop == "resized" and task == "segmentation":
+        raise ValueError("data.crop: 'resized' crops carry no segmentation labels; use random or pos_neg")
+    image_dtype = first["preprocessing"].get("image_dtype") or "float16"
+    counters = SkipCounters()
+    common = dict(rank=rank, world_size=world_size, seed=seed, with_labels=with_labels, counters=counters)
+    kw = dict(batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, device=device, counters=counters)
+    if mode == "stream":
+        source = VolumeSource(cfg, sources, image_dtype=image_dtype, pad=False, **common)
+        stream = CropStream(cfg, sources, WorkerCrops(source, cfg, task, batch_size), dtype=dtype, **kw)
+    else:
+        source = VolumeSource(cfg, sources, image_dtype=image_dtype, pad=cfg.crop != "resized", **common)
+        resident, fill = _resident_set(
+            cfg, sources, source, device, with_labels, image_dtype, world_size, local_world_size
+        )
+        stream = ResidentStream(
+            cfg,
+            sources,
+            _Wrap(source),
+            resident=resident,
+            sampler=CropSampler(cfg, seed, rank),
+            fill_target=fill,
+            dtype=dtype,
+            **kw,
+        )
+    log.info(
+        "train stream (%s) on %s: %s, batch %d, %d workers",
+        mode,
+        device,
+        ", ".join(f"{n} ({len(s.keys)} volumes, weight {s.weight:g})" for n, s in zip(stream.names, sources)),
+        batch_size,
+        cfg.num_workers,
+    )
+    return stream
+
+
+class _Wrap(torch.utils.data.IterableDataset):
+    """The resident path's DataLoader dataset: the volume source itself (``.source`` as for ``WorkerCrops``)."""
+
+    def __init__(self, source: VolumeSource):
+        super().__init__()
+        self.source = source
+
+    def __iter__(self):
+        return iter(self.source)
+
+
+def _padded_vox(sample: dict, roi, pad: bool) -> int:
+    spatial = sample["shape"][1:]
+    return int(np.prod([max(s, r) if pad else s for s, r in zip(spatial, roi)]))
+
+
+def _resident_set(
+    cfg: DataConfig,
+    sources: list[Source],
+    source: VolumeSource,
+    device: torch.device,
+    with_labels: bool,
+    image_dtype: str,
+    world_size: int,
+    local_world_size: int | None,
+):
+    """Size the resident set: the budget, capped at what this rank's share of the data needs."""
+    first = sources[0].manifest
+    pad = cfg.crop != "resized"
+    segmentation = with_labels and first["task"] == "segmentation"
+    per_vox = first["channels"] * np.dtype(image_dtype).itemsize + (1 if segmentation else 0)
+    vox = [_padded_vox(s.samples[k], cfg.roi_size, pad) for s in sources for k in s.keys]
+    readers = world_size * max(1, cfg.num_workers)
+    share = (
+        sum(sorted(vox, reverse=True)[: -(-len(vox) // world_size)])
+        if all(len(s.units) >= readers for s in sources)
+        else sum(vox)
+    )
+    lws = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    budget = resident_budget_bytes(cfg, device, lws)
+    capacity = min(budget // per_vox, share + 2 * max(vox))  # slack: the ring wastes at most a volume at the end
+    if capacity < max(vox):
+        raise ValueError(
+            f"data.resident_gib: {budget / 2**30:.2f} GiB holds no volume of the data; the largest "
+            f"needs {max(vox) * per_vox / 2**30:.2f} GiB"
+        )
+    fill = 0
+    for d, s in enumerate(sources):  # the distinct volumes this rank's workers read in their first epoch
+        units = {u for w in range(max(1, cfg.num_workers)) for u in source.unit_order(d, 0, w, max(1, cfg.num_workers))}
+        fill += sum(len(s.units[u][1]) for u in units)
+    max_slots = int(min(4096, capacity // min(vox) + 1))
+    label = None
+    num_targets = 0
+    if with_labels:
+        label = first["task"]
+        if label == "classification":
+            num_targets = int(sources[0].samples[sources[0].keys[0]]["label_shape"][0])
+    resident = ResidentSet(
+        capacity=int(capacity),
+        channels=first["channels"],
+        spatial_dims=cfg.spatial_dims,
+        roi=cfg.roi_size,
+        device=device,
+        label=label,
+        num_targets=num_targets,
+        max_slots=max_slots,
+        max_fg=1024 if cfg.crop == "pos_neg" else 0,
+        image_dtype=getattr(torch, image_dtype),
+        gather=default_gather(device),
+        resized=cfg.crop == "resized",
+    )
+    return resident, min(fill, max_slots)
