@@ -273,13 +273,12 @@ class VolumeSource(IterableDataset):
 
     def _dataset_stream(self, d: int, worker: int, nw: int, pos: list[int]) -> Iterator[dict]:
         """Volumes of dataset ``d`` for this worker, forever; ``pos`` ([epoch, unit, done]) is updated in place."""
-        empty_epochs = 0
+        empty = 0  # consecutive units that gave nothing: all of them broken must stop, not spin
         while True:
             epoch, unit, done = pos
             order = self.unit_order(d, epoch, worker, nw)
-            got = False
             for i in range(unit, len(order)):
-                count = done if i == unit else 0
+                count, got = (done if i == unit else 0), False
                 for item in self._unit(d, order[i], count):
                     count += 1
                     pos[:] = [epoch, i, count]
@@ -287,10 +286,11 @@ class VolumeSource(IterableDataset):
                         got = True
                         yield item
                 pos[:] = [epoch, i + 1, 0]
+                empty = 0 if got else empty + 1
+                if empty > 3 * len(self.sources[d].units) + 10:
+                    raise RuntimeError(f"no readable training volume in {empty} consecutive shard reads; "
+                                       f"check the data under {self.sources[d].path}")
             pos[:] = [epoch + 1, 0, 0]
-            empty_epochs = 0 if got else empty_epochs + 1
-            if empty_epochs >= 3:  # every shard broken: stop instead of spinning
-                raise RuntimeError(f"no readable training volume in {self.sources[d].path} for 3 epochs")
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
