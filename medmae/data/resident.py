@@ -229,15 +229,26 @@ class ResidentSet:
         lab = self.label[o : o + n].view(1, *sh) if self.label is not None else None
         return img, lab
 
-    def _augment_each(self, p: CropParams, out: torch.Tensor, lab: torch.Tensor | None, flips_done: bool) -> None:
-        """Flips/turns of the crops that have them (unless already folded in), then intensity, per crop."""
-        for i in np.flatnonzero(p.flip.any(axis=1) | (p.rot > 0)) if not flips_done else ():
-            dims = [1 + d for d in np.flatnonzero(p.flip[i])]
-            for t in (out, lab) if lab is not None else (out,):
-                v = t[i].flip(dims) if dims else t[i]
-                t[i] = torch.rot90(v, int(p.rot[i]), (1, 2)) if p.rot[i] else v
-        for i in np.flatnonzero((p.scale != 1) | (p.offset != 0)):
-            out[i].mul_(float(p.scale[i])).add_(float(p.offset[i]))
+    @staticmethod
+    def _spatial_op(flip: np.ndarray, k: int) -> tuple[list[int], bool]:
+        """MONAI's flips then ``rot90(k)`` on axes (0, 1) of a (C, X, Y, Z) crop as one ``flip(dims)`` and an
+        optional transpose: torch's rot90 is flip(Y).T for k=1, flip(X, Y) for k=2, flip(X).T for k=3, and two
+        flips of one axis cancel."""
+        dims = {1 + d for d in np.flatnonzero(flip)}
+        dims ^= ({2}, {1, 2}, {1})[k - 1] if k else set()
+        return sorted(dims), bool(k % 2)
+
+    def _place_crop(self, out: torch.Tensor, box: torch.Tensor, flip: np.ndarray, k: int) -> None:
+        """``out`` <- the augmented ``box``: the flip reads the (float16) box once; the copy casts."""
+        dims, transpose = self._spatial_op(flip, k)
+        if dims:
+            box = box.flip(dims)
+        out.copy_(box.transpose(1, 2) if transpose else box)
+
+    @staticmethod
+    def _intensity(p: CropParams, out: torch.Tensor) -> None:
+        for i in np.flatnonzero((p.scale != 1) | (p.offset != 0)):  # one pass: offset + scale * crop
+            torch.add(torch.tensor(float(p.offset[i]), dtype=out.dtype), out[i], alpha=float(p.scale[i]), out=out[i])
 
     def _crop_slices(self, p: CropParams, dtype: torch.dtype):
         b, (rx, ry, rz) = len(p.slot), self.roi
@@ -245,10 +256,11 @@ class ResidentSet:
         lab = torch.empty((b, 1, rx, ry, rz), dtype=torch.int64, device=self.device) if self.label is not None else None
         for i, (slot, (x, y, z)) in enumerate(zip(p.slot.tolist(), p.start.tolist())):
             img, lv = self._views(slot)
-            out[i].copy_(img[:, x : x + rx, y : y + ry, z : z + rz])  # casts float16 -> dtype in the copy
+            k = int(p.rot[i])
+            self._place_crop(out[i], img[:, x : x + rx, y : y + ry, z : z + rz], p.flip[i], k)
             if lab is not None:
-                lab[i].copy_(lv[:, x : x + rx, y : y + ry, z : z + rz])
-        self._augment_each(p, out, lab, flips_done=False)
+                self._place_crop(lab[i], lv[:, x : x + rx, y : y + ry, z : z + rz], p.flip[i], k)
+        self._intensity(p, out)
         return out, lab
 
     def _crop_index(self, p: CropParams, dtype: torch.dtype):
@@ -306,8 +318,7 @@ class ResidentSet:
         for i, (slot, (top, left, _), (h, w)) in enumerate(zip(p.slot.tolist(), p.start.tolist(), p.size.tolist())):
             img, _ = self._views(slot)
             patch = img[None, :, top : top + h, left : left + w, 0].float()
-            out[i, ..., 0] = F.interpolate(patch, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)[
-                0
-            ]
-        self._augment_each(p, out, None, flips_done=False)
+            resized = F.interpolate(patch, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
+            self._place_crop(out[i], resized[0, ..., None], p.flip[i], int(p.rot[i]))
+        self._intensity(p, out)
         return out, None
