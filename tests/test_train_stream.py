@@ -22,6 +22,7 @@ from medmae.data.synthetic import make_phantom, write_phantom_dataset
 
 SHAPE = (24, 24, 20)
 NO_AUG = dict(flip_prob=0.0, rot90_prob=0.0, intensity_shift=0.0, intensity_scale=0.0)
+STREAMING = 1e-4  # GiB: 3-4 of the 6 training volumes, so the set streams and refills instead of holding all
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +91,9 @@ def test_resident_crops_are_the_stored_voxels(data):
 
 def test_refill_across_epochs_with_one_persistent_loader(data):
     """Workers are started once and stream on across epochs; every training volume passes through the set."""
-    cfg = cfg_for(data["ct"], num_workers=2, resident_reuse=1.0)
+    cfg = cfg_for(data["ct"], num_workers=2, resident_reuse=1.0, resident_gib=STREAMING)
     stream = build_train_stream(cfg, batch_size=2, device="cpu")
+    assert stream.whole is None
     seen = set()
     take(stream, 1)
     it, pids = stream._it, sorted(w.pid for w in stream._it._workers)
@@ -107,9 +109,11 @@ def test_refill_across_epochs_with_one_persistent_loader(data):
     stream.close()
 
 
-@pytest.mark.parametrize(("name", "workers"), [("ct", 0), ("ct", 2), ("ct_zarr", 2)])
-def test_state_dict_restores_identical_batches(data, name, workers):
-    cfg = cfg_for(data[name], num_workers=workers, crop="pos_neg", flip_prob=0.3, rot90_prob=0.3)
+@pytest.mark.parametrize(
+    ("name", "workers", "gib"), [("ct", 0, STREAMING), ("ct", 2, STREAMING), ("ct_zarr", 2, STREAMING), ("ct", 2, 0.0)]
+)
+def test_state_dict_restores_identical_batches(data, name, workers, gib):
+    cfg = cfg_for(data[name], num_workers=workers, crop="pos_neg", flip_prob=0.3, rot90_prob=0.3, resident_gib=gib)
     a = build_train_stream(cfg, batch_size=3, seed=7, with_labels=True)
     take(a, 5)
     state = json.loads(json.dumps(a.state_dict()))  # JSON-safe
@@ -121,8 +125,20 @@ def test_state_dict_restores_identical_batches(data, name, workers):
     for x, y in zip(ref, got):
         assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
     assert b.stats()["crops/" + name] == a.stats()["crops/" + name]
+    assert b.stats()["refills"] == a.stats()["refills"]
     with pytest.raises(RuntimeError, match="before the first batch"):
         b.load_state_dict(state)
+
+
+def test_all_volumes_resident_when_they_fit(data):
+    """Within the budget every training volume is loaded once, on every rank; no refills, no workers left."""
+    volumes = stored(data["ct"])
+    train = {k for k, v in volumes.items() if v["meta"]["split"] == "train"}
+    for rank in range(2):
+        stream = build_train_stream(cfg_for(data["ct"], num_workers=2), batch_size=2, rank=rank, world_size=2)
+        take(stream, 5)
+        assert {stream.resident.keys[s] for s in stream.resident.fifo} == train and len(stream.resident) == 6
+        assert stream._it is None and stream.stats()["refills"] == 6 and stream.stats()["evictions"] == 0
 
 
 def shard_counts(stream, n: int, counts: collections.Counter, shard_of: dict) -> None:
@@ -141,7 +157,7 @@ def shard_counts(stream, n: int, counts: collections.Counter, shard_of: dict) ->
 def test_stream_position_survives_a_crash(data):
     """Per-shard volume counts of a run killed at batch 13 and resumed equal an uninterrupted run's."""
     shard_of = {s["key"]: s["shard"] for s in read_manifest(data["ct"])["samples"]}
-    cfg = cfg_for(data["ct"], num_workers=2, resident_reuse=1.5)
+    cfg = cfg_for(data["ct"], num_workers=2, resident_reuse=1.5, resident_gib=STREAMING)
     whole, crashed = collections.Counter(), collections.Counter()
     shard_counts(build_train_stream(cfg, batch_size=2, seed=3), 30, whole, shard_of)
     first = build_train_stream(cfg, batch_size=2, seed=3)
@@ -172,8 +188,10 @@ def test_per_crop_stream_resumes_its_position(data):
 def test_volume_source_continues_from_any_position(data):
     """The volume sequence after restarting from item k's position is the uninterrupted sequence's tail, also
     inside a shard of several samples and across epochs (two datasets, weighted)."""
-    cfg = from_dict(DataConfig, {"datasets": [{"path": str(data["ct"]), "weight": 2.0}, {"path": str(data["ct2"])}],
-                                 "roi_size": [16, 16, 16]})
+    cfg = from_dict(
+        DataConfig,
+        {"datasets": [{"path": str(data["ct"]), "weight": 2.0}, {"path": str(data["ct2"])}], "roi_size": [16, 16, 16]},
+    )
     sources = resolve_sources(cfg, with_labels=False)
     assert max(len(u[1]) for s in sources for u in s.units) >= 2
 
@@ -189,14 +207,19 @@ def test_volume_source_continues_from_any_position(data):
         assert tail == [(d, key) for d, key, _ in items[k + 1 :]]
 
 
-def test_datasets_by_weight(data):
-    cfg = from_dict(DataConfig, {"datasets": [{"path": str(data["ct"]), "weight": 3.0},
-                                              {"path": str(data["ct2"]), "weight": 1.0}],
-                                 "roi_size": [16, 16, 16], "num_workers": 0, "resident_reuse": 2.0})
+@pytest.mark.parametrize("gib", [0.0, 2 * STREAMING])
+def test_datasets_by_weight(data, gib):
+    """Crops follow the weights, whether all volumes are resident (weights per crop) or streamed (per volume)."""
+    datasets = [{"path": str(data["ct"]), "weight": 3.0}, {"path": str(data["ct2"]), "weight": 1.0}]
+    cfg = from_dict(
+        DataConfig,
+        {"datasets": datasets, "roi_size": [16, 16, 16], "num_workers": 0, "resident_reuse": 2.0, "resident_gib": gib},
+    )
     share = []
     for rank in range(2):
         stream = build_train_stream(cfg, batch_size=8, rank=rank, world_size=2, seed=0)
         take(stream, 150)
+        assert (stream.whole is None) == (gib > 0)
         s = stream.stats()
         share.append(s["crops/ct"] / (s["crops/ct"] + s["crops/ct2"]))
     assert all(abs(x - 0.75) < 0.07 for x in share), share
@@ -252,9 +275,12 @@ def test_corrupt_shards_skipped_and_counted(data, tmp_path):
     raw = shards[0].read_bytes()
     shards[0].write_bytes(raw[: len(raw) // 2])
     shards[1].write_bytes(b"\x00garbage" * 1000)
-    stream = build_train_stream(cfg_for(broken, num_workers=2), batch_size=2, with_labels=True)
+    stream = build_train_stream(cfg_for(broken, num_workers=2, resident_gib=STREAMING), batch_size=2, with_labels=True)
     take(stream, 10)
     assert stream.stats()["corrupt_shards"] > 0
+    whole = build_train_stream(cfg_for(broken, num_workers=2), batch_size=2, with_labels=True)  # read by key
+    take(whole, 2)
+    assert whole.stats()["corrupt_samples"] >= 2 and len(whole.resident) <= 4
 
 
 @pytest.mark.parametrize("loader", ["resident", "stream"])
@@ -268,8 +294,9 @@ def test_2d_resized_classification(tmp_path, loader):
         rows.append(f"x{i}.png,{i % 2},{int(i == 3)}")
     (tmp_path / "x.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "out"
-    assert convert(tmp_path / "x.csv", out, ConvertOptions(preset="xray", val_fraction=0.25, workers=0),
-                   progress=False).ok
+    assert convert(
+        tmp_path / "x.csv", out, ConvertOptions(preset="xray", val_fraction=0.25, workers=0), progress=False
+    ).ok
     cfg = DataConfig(path=str(out), spatial_dims=2, roi_size=(32, 32), crop="resized", num_workers=0, loader=loader)
     b = next(build_train_stream(cfg, batch_size=4, with_labels=True))
     assert b["image"].shape == (4, 1, 32, 32) and b["label"].shape == (4, 2) and b["label"].dtype == torch.float32

@@ -62,7 +62,8 @@ class CropStream(TrainStream):
         self.dtype = dtype
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self._it is None:
+        if not self.started:
+            self.started = True
             self._start_loader()
         item = self._next_item()
         self.crops += np.bincount(item["dataset"].numpy(), minlength=len(self.sources))

@@ -108,11 +108,20 @@ class CropSampler:
         left = self.rng.integers(0, shapes[:, 1] - cw + 1)
         return np.stack([top, left, np.zeros(b, np.int64)], 1), np.stack([ch, cw], 1)
 
-    def draw(self, batch: int, live: np.ndarray, shapes: np.ndarray, fg: np.ndarray, nfg: np.ndarray) -> CropParams:
-        """Parameters of ``batch`` crops from the slots ``live`` (uniform over them); ``shapes`` (S, 3), ``fg``
-        (S, F, 3) and ``nfg`` (S,) are the per-slot tables."""
+    def draw(
+        self,
+        batch: int,
+        live: np.ndarray,
+        shapes: np.ndarray,
+        fg: np.ndarray,
+        nfg: np.ndarray,
+        probs: np.ndarray | None = None,
+    ) -> CropParams:
+        """Parameters of ``batch`` crops from the slots ``live`` (uniform over them, or by ``probs``); ``shapes``
+        (S, 3), ``fg`` (S, F, 3) and ``nfg`` (S,) are the per-slot tables."""
         cfg, rng = self.cfg, self.rng
-        slot = live[rng.integers(0, len(live), batch)]
+        pick = rng.integers(0, len(live), batch) if probs is None else rng.choice(len(live), batch, p=probs)
+        slot = live[pick]
         if cfg.crop == "resized":
             start, size = self._boxes(shapes[slot])
         else:

@@ -142,8 +142,9 @@ class VolumeSource(IterableDataset):
 
     Item: ``image`` (C, *S) ``image_dtype``, padded to the ROI unless ``pad`` is False; ``label`` uint8 (*S) for
     segmentation or float32 (K,) targets (only ``with_labels``); ``fg`` int32 (N, D) foreground points; ``dataset``,
-    ``key``, ``worker`` and ``pos``. With ``preload`` (a restored resident set), every worker first reads its share
-    of those (dataset, key) pairs by random access, tagged ``preload`` = their index.
+    ``key``, ``worker`` and ``pos``. With ``preload`` (a restored resident set, or all volumes when they all fit),
+    every worker first reads its share of those (dataset, key) pairs by random access, tagged ``preload`` = their
+    index.
     """
 
     def __init__(
@@ -166,6 +167,7 @@ class VolumeSource(IterableDataset):
         self.weights /= self.weights.sum()
         self.start: dict[int, dict] = {}  # worker id -> position to resume from (set before the workers start)
         self.preload: list[tuple[int, str]] = []
+        self.stream = True  # False: the workers stop after the preload (every volume resident, no refill)
         self._roots: dict[int, object] = {}
 
     # ---- order ----------------------------------------------------------------------------------------------------
@@ -288,8 +290,10 @@ class VolumeSource(IterableDataset):
                 pos[:] = [epoch, i + 1, 0]
                 empty = 0 if got else empty + 1
                 if empty > 3 * len(self.sources[d].units) + 10:
-                    raise RuntimeError(f"no readable training volume in {empty} consecutive shard reads; "
-                                       f"check the data under {self.sources[d].path}")
+                    raise RuntimeError(
+                        f"no readable training volume in {empty} consecutive shard reads; "
+                        f"check the data under {self.sources[d].path}"
+                    )
             pos[:] = [epoch + 1, 0, 0]
 
     def __iter__(self) -> Iterator[dict]:
@@ -297,7 +301,14 @@ class VolumeSource(IterableDataset):
         worker, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         for i in range(worker, len(self.preload), nw):
             d, key = self.preload[i]
-            yield {**self.read_key(d, key), "worker": worker, "preload": i}
+            try:
+                yield {**self.read_key(d, key), "worker": worker, "preload": i}
+            except Exception as e:  # noqa: BLE001 - skipped and counted like a broken sample of the stream
+                self.counters.add(samples=1)
+                log.warning("skipping volume %s of %s: %s: %s", key, self.sources[d].path, type(e).__name__, e)
+                yield {"worker": worker, "preload": i, "corrupt": True}
+        if not self.stream:
+            return
         start = self.start.get(worker) or {"n": 0, "datasets": [[0, 0, 0] for _ in self.sources]}
         n, positions = start["n"], [list(p) for p in start["datasets"]]
         streams = [self._dataset_stream(d, worker, nw, positions[d]) for d in range(len(self.sources))]

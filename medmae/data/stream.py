@@ -34,8 +34,6 @@ from torch.utils.data import DataLoader
 
 from medmae.data.config import DataConfig
 from medmae.data.pipeline import SkipCounters
-from medmae.data.resident import ResidentSet, default_gather
-from medmae.data.sampling import CropSampler
 from medmae.data.sources import Source, VolumeSource, resolve_sources
 
 __all__ = ["TrainStream", "build_train_stream", "resolve_loader", "resident_budget_bytes"]
@@ -101,6 +99,7 @@ class TrainStream:
         self.crops = np.zeros(len(sources), dtype=np.int64)
         self.wait_s = 0.0
         self._it = None
+        self.started = False
         self._pending: dict[int, deque] = {w: deque() for w in range(self.num_workers)}
         self._restore: dict | None = None
 
@@ -170,7 +169,7 @@ class TrainStream:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state`` (``state_dict()`` of this rank); must come before the first batch."""
-        if self._it is not None:
+        if self.started:
             raise RuntimeError("load_state_dict: the stream has already started; restore before the first batch")
         exact = self._exact(state)
         self.batches, self.crops = int(state["batches"]), np.asarray(state["crops"], dtype=np.int64)
@@ -221,105 +220,6 @@ class TrainStream:
         self._it = None
 
 
-class ResidentStream(TrainStream):
-    """Volumes decoded by the workers into a ``ResidentSet`` on the device; batches cut there.
-
-    Each batch first swaps in ``batch / resident_reuse`` volumes (a running fraction), so every volume yields
-    ``resident_reuse`` crops on average; the first batch waits until the set is full or holds the rank's share
-    of the data. Crop and augmentation parameters come from a per-rank ``CropSampler``.
-    """
-
-    mode = "resident"
-
-    def __init__(self, *args, resident: ResidentSet, sampler: CropSampler, fill_target: int, dtype: torch.dtype, **kw):
-        super().__init__(*args, **kw)
-        self.resident, self.sampler, self.fill_target, self.dtype = resident, sampler, fill_target, dtype
-        self.credit = 0.0
-
-    def _insert(self, item: dict) -> None:
-        self.resident.insert(item)
-
-    def _fill(self) -> None:
-        r = self.resident
-        while len(r) < self.fill_target:
-            item = self._next_item()
-            full = r.would_evict(int(np.prod(item["image"].shape[1:])))
-            self._insert(item)
-            if full:
-                break
-        log.info(
-            "resident set: %d volumes, %.2f of %.2f GiB on %s",
-            len(r),
-            r.used_bytes() / 2**30,
-            r.nbytes / 2**30,
-            self.device,
-        )
-
-    def _restore_set(self, state: dict) -> None:
-        """Re-read the checkpointed resident volumes (by key, spread over the workers) into their old places."""
-        vols = state["resident"]["volumes"]
-        placed: dict[int, dict] = {}
-        while len(placed) < len(vols):
-            item = self._pull()
-            if "preload" in item:
-                placed[int(item["preload"])] = item
-            else:
-                self._pending[int(item["worker"])].append(item)
-        for i, (_, _, offset, slot) in enumerate(vols):
-            self.resident.insert(placed[i], slot=slot, offset=offset)
-        self.resident.head = int(state["resident"]["head"])
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        if self._it is None:
-            if self._restore is not None:
-                self.dataset.source.preload = [(d, k) for d, k, _, _ in self._restore["resident"]["volumes"]]
-            self._start_loader()
-            if self._restore is not None:
-                self._restore_set(self._restore)
-            if len(self.resident) == 0:
-                self._fill()
-        self.credit += self.batch_size / self.cfg.resident_reuse
-        while self.credit >= 1.0:
-            self._insert(self._next_item())
-            self.credit -= 1.0
-        r = self.resident
-        p = self.sampler.draw(self.batch_size, r.live(), r.shape, r.fg, r.nfg)
-        batch = r.crop(p, self.dtype)
-        self.crops += np.bincount(r.dataset[p.slot], minlength=len(self.sources))
-        self.batches += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        if self._it is None and self._restore is not None:
-            return self._restore  # restored but not yet started: the position is still the saved one
-        r = self.resident
-        volumes = [[int(r.dataset[s]), r.keys[s], int(r.offset[s]), int(s)] for s in r.fifo]
-        return {
-            **self._common_state(),
-            "credit": self.credit,
-            "sampler": self.sampler.state_dict(),
-            "resident": {"head": r.head, "volumes": volumes, "inserted": r.inserted, "evicted": r.evicted},
-        }
-
-    def _load_extra(self, state: dict, exact: bool) -> None:
-        if exact:
-            self.credit = float(state["credit"])
-            self.sampler.load_state_dict(state["sampler"])
-        else:  # fresh draws for the part after the restart, still a function of the seed
-            self.sampler.rng = np.random.default_rng([self.seed, self.rank, 2, self.batches])
-
-    def stats(self) -> dict[str, float]:
-        r = self.resident
-        return {
-            **super().stats(),
-            "resident_volumes": float(len(r)),
-            "resident_gib": r.used_bytes() / 2**30,
-            "resident_capacity_gib": r.nbytes / 2**30,
-            "refills": float(r.inserted),
-            "evictions": float(r.evicted),
-        }
-
-
 def build_train_stream(
     cfg: DataConfig,
     *,
@@ -336,6 +236,7 @@ def build_train_stream(
     default; pass the model's bf16 to save its cast), ``label`` as (B, 1, *roi) int64 (segmentation) or (B, K)
     float32 (classification) when ``with_labels``; all on ``device`` (default: CUDA when present, else CPU)."""
     from medmae.data.crop_stream import CropStream, WorkerCrops
+    from medmae.data.resident_stream import build_resident_stream
 
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
@@ -359,19 +260,9 @@ def build_train_stream(
         stream = CropStream(cfg, sources, WorkerCrops(source, cfg, task, batch_size), dtype=dtype, **kw)
     else:
         source = VolumeSource(cfg, sources, image_dtype=image_dtype, pad=cfg.crop != "resized", **common)
-        resident, fill = _resident_set(
-            cfg, sources, source, device, with_labels, image_dtype, world_size, local_world_size
-        )
-        stream = ResidentStream(
-            cfg,
-            sources,
-            _Wrap(source),
-            resident=resident,
-            sampler=CropSampler(cfg, seed, rank),
-            fill_target=fill,
-            dtype=dtype,
-            **kw,
-        )
+        lws = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        budget = resident_budget_bytes(cfg, device, lws)
+        stream = build_resident_stream(cfg, sources, source, budget=budget, with_labels=with_labels, dtype=dtype, **kw)
     log.info(
         "train stream (%s) on %s: %s, batch %d, %d workers",
         mode,
@@ -381,77 +272,3 @@ def build_train_stream(
         cfg.num_workers,
     )
     return stream
-
-
-class _Wrap(torch.utils.data.IterableDataset):
-    """The resident path's DataLoader dataset: the volume source itself (``.source`` as for ``WorkerCrops``)."""
-
-    def __init__(self, source: VolumeSource):
-        super().__init__()
-        self.source = source
-
-    def __iter__(self):
-        return iter(self.source)
-
-
-def _padded_vox(sample: dict, roi, pad: bool) -> int:
-    spatial = sample["shape"][1:]
-    return int(np.prod([max(s, r) if pad else s for s, r in zip(spatial, roi)]))
-
-
-def _resident_set(
-    cfg: DataConfig,
-    sources: list[Source],
-    source: VolumeSource,
-    device: torch.device,
-    with_labels: bool,
-    image_dtype: str,
-    world_size: int,
-    local_world_size: int | None,
-):
-    """Size the resident set: the budget, capped at what this rank's share of the data needs."""
-    first = sources[0].manifest
-    pad = cfg.crop != "resized"
-    segmentation = with_labels and first["task"] == "segmentation"
-    per_vox = first["channels"] * np.dtype(image_dtype).itemsize + (1 if segmentation else 0)
-    vox = [_padded_vox(s.samples[k], cfg.roi_size, pad) for s in sources for k in s.keys]
-    readers = world_size * max(1, cfg.num_workers)
-    share = (
-        sum(sorted(vox, reverse=True)[: -(-len(vox) // world_size)])
-        if all(len(s.units) >= readers for s in sources)
-        else sum(vox)
-    )
-    lws = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    budget = resident_budget_bytes(cfg, device, lws)
-    capacity = min(budget // per_vox, share + 2 * max(vox))  # slack: the ring wastes at most a volume at the end
-    if capacity < max(vox):
-        raise ValueError(
-            f"data.resident_gib: {budget / 2**30:.2f} GiB holds no volume of the data; the largest "
-            f"needs {max(vox) * per_vox / 2**30:.2f} GiB"
-        )
-    fill = 0
-    for d, s in enumerate(sources):  # the distinct volumes this rank's workers read in their first epoch
-        units = {u for w in range(max(1, cfg.num_workers)) for u in source.unit_order(d, 0, w, max(1, cfg.num_workers))}
-        fill += sum(len(s.units[u][1]) for u in units)
-    max_slots = int(min(4096, capacity // min(vox) + 1))
-    label = None
-    num_targets = 0
-    if with_labels:
-        label = first["task"]
-        if label == "classification":
-            num_targets = int(sources[0].samples[sources[0].keys[0]]["label_shape"][0])
-    resident = ResidentSet(
-        capacity=int(capacity),
-        channels=first["channels"],
-        spatial_dims=cfg.spatial_dims,
-        roi=cfg.roi_size,
-        device=device,
-        label=label,
-        num_targets=num_targets,
-        max_slots=max_slots,
-        max_fg=1024 if cfg.crop == "pos_neg" else 0,
-        image_dtype=getattr(torch, image_dtype),
-        gather=default_gather(device),
-        resized=cfg.crop == "resized",
-    )
-    return resident, min(fill, max_slots)
