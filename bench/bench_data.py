@@ -170,12 +170,12 @@ def loader_rate(batches, batch: int, device: torch.device, min_s: float, warmup:
 def crop_kernel_rate(stream, n: int, device: torch.device) -> float:
     """Crops/s of the resident set's batched crop + augmentation alone (no refill): the ceiling of the path."""
     r, b = stream.resident, stream.batch_size
-    draw = lambda: stream.sampler.draw(b, r.live(), r.shape, r.fg, r.nfg)  # noqa: E731
-    r.crop(draw())
+    draw = lambda: stream.sampler.draw(b, r.live(), r.shape, r.fg, r.nfg, stream.probs)  # noqa: E731
+    r.crop(draw(), stream.dtype)
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(n):
-        r.crop(draw())
+        r.crop(draw(), stream.dtype)
     _sync(device)
     return n * b / (time.perf_counter() - t0)
 
@@ -205,42 +205,94 @@ def model_rate(name: str, roi: tuple[int, ...], batch: int, device: torch.device
     return {"crops_per_s": steps * batch / dt, "crops_per_cpu_s": steps * batch / cpu, "batch": batch}
 
 
-def resident_table(path: Path, roi, workers: int, quick: bool = False, device: torch.device | None = None) -> dict:
-    """The issue-12 figures over a converted dataset: today's path, the resident path on the CPU and (if present)
-    the GPU, and the two models' training rates on each device. On a CPU the ratio loader / model compares crops
-    per CPU second (both would share the cores, and other load on the machine does not distort it); on a GPU it
-    compares crops/s."""
+CT_MODELS = [("mae_vit_3d_debug", 8), ("mae_vit_base_patch16_3d", 2)]  # (model, CPU batch); GPU batch 128
+XRAY_MODELS = [("mae_vit_2d_debug", 32), ("mae_vit_base_patch16_2d", 8)]
+
+
+def resident_table(
+    path: Path,
+    roi,
+    workers: int,
+    quick: bool = False,
+    device: torch.device | None = None,
+    crop: str = "random",
+    models=CT_MODELS,
+) -> dict:
+    """The issue-12 figures over a converted dataset: today's path (and for 2D the same per-crop path as a
+    persistent ``TrainStream``), the resident path on the CPU (float32 and float16 out) and the GPU if present, and
+    the models' training rates on each device. On a CPU the ratio loader / model compares crops per CPU second
+    (both would share the cores; other load on the machine does not distort it); on a GPU it compares crops/s."""
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    if device is not None:
-        devices = [device]
-    common = dict(path=str(path), roi_size=tuple(roi), num_workers=workers, samples_per_epoch=10**6)
+    devices = [device] if device is not None else devices
+    dims = len(roi)
+    common = dict(
+        path=str(path),
+        spatial_dims=dims,
+        roi_size=tuple(roi),
+        num_workers=workers,
+        crop=crop,
+        samples_per_epoch=10**6,
+        crops_per_volume=4 if dims == 3 else 2,
+    )
     out = {"roi": list(roi), "workers": workers, "volumes": len(read_manifest(path)["samples"]), "rows": {}}
     min_s = 1.5 if quick else 4.0
-    if "cpu" in [d.type for d in devices]:
+    cpu = torch.device("cpu")
+    if cpu in devices:
         cfg = DataConfig(**common, shuffle_buffer=4, crop_shuffle_buffer=8)
-        out["rows"]["today, cpu"] = loader_rate(build_train_loader(cfg, batch_size=4), 4, torch.device("cpu"), min_s)
-    models = [("mae_vit_3d_debug", 8), ("mae_vit_base_patch16_3d", 2)]
+        out["rows"]["today, cpu"] = loader_rate(build_train_loader(cfg, batch_size=4), 4, cpu, min_s)
+        if dims == 2:  # the per-crop path as auto would run it for 2D on a CPU
+            stream = build_train_stream(DataConfig(**common, loader="stream"), batch_size=8, device=cpu)
+            out["rows"]["stream (per crop), cpu"] = loader_rate(stream, 8, cpu, min_s)
+            stream.close()
     for dev in devices:
         cuda = dev.type == "cuda"
-        batch = 128 if cuda else 8
-        stream = build_train_stream(DataConfig(**common, loader="resident"), batch_size=batch, device=dev)
-        row = loader_rate(stream, batch, dev, min_s)
-        row["crop_kernel_per_s"] = crop_kernel_rate(stream, 4 if quick else 10, dev)
-        row.update(wait_s=stream.stats()["wait_s"], resident_volumes=len(stream.resident))
-        stream.close()
-        out["rows"][f"resident, {dev.type}"] = row
+        batch = (128 if dims == 3 else 256) if cuda else 8
+        variants = [torch.float32] + ([torch.float16] if not cuda and not quick else [])
+        for dtype in variants:
+            stream = build_train_stream(
+                DataConfig(**common, loader="resident"), batch_size=batch, device=dev, dtype=dtype
+            )
+            row = loader_rate(stream, batch, dev, min_s)
+            row["crop_kernel_per_s"] = crop_kernel_rate(stream, 4 if quick else 10, dev)
+            if cuda:  # the other gather, and the model's bf16 straight out of the kernel
+                stream.resident.gather = "slices"
+                row["crop_kernel_slices_per_s"] = crop_kernel_rate(stream, 10, dev)
+                stream.resident.gather, stream.dtype = "index", torch.bfloat16
+                row["crop_kernel_bf16_per_s"] = crop_kernel_rate(stream, 10, dev)
+            row.update(wait_s=stream.stats()["wait_s"], resident_volumes=len(stream.resident))
+            stream.close()
+            name = f"resident, {dev.type}" + (", float16 out" if dtype == torch.float16 else "")
+            out["rows"][name] = row
+        row = out["rows"][f"resident, {dev.type}"]
         key = "crops_per_s" if cuda else "crops_per_cpu_s"
         for name, b in models:
             if quick and not cuda and "base" in name:
                 continue
-            m = model_rate(name, tuple(roi), 128 if cuda else b, dev, steps=2 if quick else 3)
+            m = model_rate(name, tuple(roi), (128 if dims == 3 else 256) if cuda else b, dev, steps=2 if quick else 3)
             out["rows"][f"{name}, {dev.type}"] = {"model": m, "ratio": row[key] / m[key]}
     return out
 
 
+def make_xrays(folder: Path, n: int, shape=(1024, 1024)) -> Path:
+    """``n`` chest-x-ray-sized 8-bit images and the CSV the converter reads (two findings per image). Written as
+    2D NIfTI (nibabel) rather than PNG so that the bench needs no ITK."""
+    import nibabel as nib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    base = (make_phantom(shape, 2, seed=0, kind="xray")[0][0] * 255).astype(np.uint8)
+    rows = ["image,effusion,mass"]
+    for i in range(n):
+        img = np.roll(base, i * 37, axis=1)
+        nib.save(nib.Nifti1Image(img, np.eye(4)), folder / f"x{i:03d}.nii")
+        rows.append(f"x{i:03d}.nii,{i % 2},{int(i % 3 == 0)}")
+    (folder / "x.csv").write_text("\n".join(rows) + "\n")
+    return folder / "x.csv"
+
+
 def print_table(res: dict) -> None:
     rows = res["rows"]
-    print(f"\nissue 12: {tuple(res['roi'])} crops, {res['workers']} loader workers: loader vs model")
+    what = "random resized crops" if len(res["roi"]) == 2 else "crops"
+    print(f"\nissue 12: {tuple(res['roi'])} {what}, {res['workers']} loader workers: loader vs model")
     today = rows.get("today, cpu")
     for name, r in rows.items():
         if "model" in r:
@@ -252,6 +304,10 @@ def print_table(res: dict) -> None:
             continue
         vs = f"  {r['crops_per_cpu_s'] / today['crops_per_cpu_s']:6.1f}x today per core" if today else ""
         kern = f", crop kernel alone {r['crop_kernel_per_s']:.0f}/s" if "crop_kernel_per_s" in r else ""
+        if "crop_kernel_slices_per_s" in r:
+            kern += (
+                f" (slices gather {r['crop_kernel_slices_per_s']:.0f}/s, bf16 out {r['crop_kernel_bf16_per_s']:.0f}/s)"
+            )
         print(
             f"  {name:36s} {r['crops_per_s']:9.1f} crops/s {r['crops_per_cpu_s']:8.1f} per CPU-s "
             f"({r['cores_busy']:.1f} cores busy){vs}{kern}"
@@ -273,7 +329,13 @@ def measure_loader(device: torch.device | str, tiny: bool = False) -> dict:
         opts = ConvertOptions(preset="ct", workers=min(workers, n), shard_size_mb=64)
         t_conv = bench_convert(dl, Path(tmp) / "wds", opts)
         res = resident_table(Path(tmp) / "wds", roi, workers, quick=tiny, device=device)
-    res.update(device=str(device), volume_shape=list(shape), convert_s=t_conv)
+        res.update(device=str(device), volume_shape=list(shape), convert_s=t_conv)
+        if not tiny:
+            csv = make_xrays(Path(tmp) / "xray", 16)
+            bench_convert(csv, Path(tmp) / "xray_wds", ConvertOptions(preset="xray", workers=min(workers, 8)))
+            res["xray"] = resident_table(
+                Path(tmp) / "xray_wds", (224, 224), workers, device=device, crop="resized", models=XRAY_MODELS
+            )
     return res
 
 
@@ -300,6 +362,11 @@ def main() -> None:
             dl = make_sources(work / "src", n, src_shape, src_spacing)
             bench_convert(dl, work / "wds", ConvertOptions(**opts, spacing=spacing))
         print_table(resident_table(work / "wds", args.roi, args.workers, quick=args.quick))
+        if not args.quick:
+            if not (work / "xray_wds" / "manifest.json").exists():
+                bench_convert(make_xrays(work / "xray", 16), work / "xray_wds", ConvertOptions(preset="xray"))
+            xr = resident_table(work / "xray_wds", (224, 224), args.workers, crop="resized", models=XRAY_MODELS)
+            print_table(xr)
         return
     dl = make_sources(work / "src", n, src_shape, src_spacing)
 

@@ -35,14 +35,15 @@ class DataConfig:
     """datasets: accept datasets resampled to different voxel spacings."""
     loader: Literal["auto", "resident", "stream"] = "auto"
     """Training crop path of ``build_train_stream``: resident = whole volumes held on the model's device, cropped
-    and augmented there in batch; stream = per-crop CPU path in the loader workers; auto = resident except
-    ``crop: resized`` on CPU (the rule measured by bench/bench_data.py)."""
+    and augmented there in batch; stream = per-crop CPU path in the loader workers; auto = resident (faster in
+    every case bench/bench_data.py measures; see ``stream.resolve_loader``)."""
     resident_gib: float = 0.0
     """resident: memory for the resident volumes per rank, GiB; 0 = 25% of the device's memory (CUDA) or 25% of
-    the machine's RAM / local ranks (CPU), capped at what the rank's share of the data needs."""
+    the machine's RAM / local ranks (CPU). When all training volumes fit, every rank holds all of them and never
+    refills; else it streams its share through the set, capped at what that share needs."""
     resident_reuse: float = 64.0
-    """resident: mean crops taken from a volume while it is resident; the set swaps in batch/this volumes per
-    batch, so the loader workers must decode (model crops/s)/this volumes per second."""
+    """resident, streaming: mean crops taken from a volume while it is resident; the set swaps in batch/this
+    volumes per batch, so the loader workers must decode (model crops/s)/this volumes per second."""
     format: Literal["wds", "zarr"] = "wds"
     """Storage read: WebDataset tar shards (streamed) or a Zarr group (random-access crops)."""
     spatial_dims: int = 3
