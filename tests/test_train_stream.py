@@ -48,6 +48,11 @@ def data(tmp_path_factory):
     return out
 
 
+def build(cfg: DataConfig, **kw):
+    """``build_train_stream`` on the CPU unless a test says otherwise (these tests read batches back as arrays)."""
+    return build_train_stream(cfg, **{"device": "cpu", **kw})
+
+
 def cfg_for(path, **kw) -> DataConfig:
     fmt = "zarr" if str(path).endswith("zarr") else "wds"
     base = dict(path=str(path), format=fmt, roi_size=(16, 16, 16), num_workers=0, resident_reuse=2.0)
@@ -66,7 +71,7 @@ def stored(path) -> dict:
 @pytest.mark.parametrize("name", ["ct", "ct_zarr"])
 def test_batches_on_device_with_labels(data, name, loader):
     cfg = cfg_for(data[name], loader=loader, crop="pos_neg", pos_fraction=1.0)
-    stream = build_train_stream(cfg, batch_size=4, with_labels=True, device="cpu", dtype=torch.bfloat16)
+    stream = build(cfg, batch_size=4, with_labels=True, device="cpu", dtype=torch.bfloat16)
     for b in take(stream, 3):
         assert b["image"].shape == (4, 1, 16, 16, 16) and b["image"].dtype == torch.bfloat16
         assert b["label"].shape == (4, 1, 16, 16, 16) and b["label"].dtype == torch.int64
@@ -81,7 +86,7 @@ def test_batches_on_device_with_labels(data, name, loader):
 def test_resident_crops_are_the_stored_voxels(data):
     """A crop the size of the volume, without augmentation, is a stored volume and its label, exactly."""
     volumes = stored(data["ct"])
-    stream = build_train_stream(cfg_for(data["ct"], roi_size=SHAPE, **NO_AUG), batch_size=3, with_labels=True)
+    stream = build(cfg_for(data["ct"], roi_size=SHAPE, **NO_AUG), batch_size=3, with_labels=True)
     for b in take(stream, 4):
         for img, lab in zip(b["image"], b["label"]):
             hits = [k for k, v in volumes.items() if np.array_equal(img.numpy(), v["image"].astype(np.float32))]
@@ -92,7 +97,7 @@ def test_resident_crops_are_the_stored_voxels(data):
 def test_refill_across_epochs_with_one_persistent_loader(data):
     """Workers are started once and stream on across epochs; every training volume passes through the set."""
     cfg = cfg_for(data["ct"], num_workers=2, resident_reuse=1.0, resident_gib=STREAMING)
-    stream = build_train_stream(cfg, batch_size=2, device="cpu")
+    stream = build(cfg, batch_size=2, device="cpu")
     assert stream.whole is None
     seen = set()
     take(stream, 1)
@@ -114,11 +119,11 @@ def test_refill_across_epochs_with_one_persistent_loader(data):
 )
 def test_state_dict_restores_identical_batches(data, name, workers, gib):
     cfg = cfg_for(data[name], num_workers=workers, crop="pos_neg", flip_prob=0.3, rot90_prob=0.3, resident_gib=gib)
-    a = build_train_stream(cfg, batch_size=3, seed=7, with_labels=True)
+    a = build(cfg, batch_size=3, seed=7, with_labels=True)
     take(a, 5)
     state = json.loads(json.dumps(a.state_dict()))  # JSON-safe
     ref = take(a, 6)
-    b = build_train_stream(cfg, batch_size=3, seed=7, with_labels=True)
+    b = build(cfg, batch_size=3, seed=7, with_labels=True)
     b.load_state_dict(state)
     assert b.state_dict() == state  # restored, not yet started
     got = take(b, 6)
@@ -135,7 +140,7 @@ def test_all_volumes_resident_when_they_fit(data):
     volumes = stored(data["ct"])
     train = {k for k, v in volumes.items() if v["meta"]["split"] == "train"}
     for rank in range(2):
-        stream = build_train_stream(cfg_for(data["ct"], num_workers=2), batch_size=2, rank=rank, world_size=2)
+        stream = build(cfg_for(data["ct"], num_workers=2), batch_size=2, rank=rank, world_size=2)
         take(stream, 5)
         assert {stream.resident.keys[s] for s in stream.resident.fifo} == train and len(stream.resident) == 6
         assert stream._it is None and stream.stats()["refills"] == 6 and stream.stats()["evictions"] == 0
@@ -159,12 +164,12 @@ def test_stream_position_survives_a_crash(data):
     shard_of = {s["key"]: s["shard"] for s in read_manifest(data["ct"])["samples"]}
     cfg = cfg_for(data["ct"], num_workers=2, resident_reuse=1.5, resident_gib=STREAMING)
     whole, crashed = collections.Counter(), collections.Counter()
-    shard_counts(build_train_stream(cfg, batch_size=2, seed=3), 30, whole, shard_of)
-    first = build_train_stream(cfg, batch_size=2, seed=3)
+    shard_counts(build(cfg, batch_size=2, seed=3), 30, whole, shard_of)
+    first = build(cfg, batch_size=2, seed=3)
     shard_counts(first, 13, crashed, shard_of)
     state = json.loads(json.dumps(first.state_dict()))
     del first  # the crash
-    resumed = build_train_stream(cfg, batch_size=2, seed=3)
+    resumed = build(cfg, batch_size=2, seed=3)
     resumed.load_state_dict(state)
     shard_counts(resumed, 17, crashed, shard_of)
     train_shards = {s["shard"] for s in read_manifest(data["ct"])["samples"] if s["split"] == "train"}
@@ -174,10 +179,10 @@ def test_stream_position_survives_a_crash(data):
 def test_per_crop_stream_resumes_its_position(data):
     """The per-crop path restarts each worker's volume stream where it was (fresh crop draws), not at epoch 0."""
     cfg = cfg_for(data["ct"], loader="stream", num_workers=2, crops_per_volume=2)
-    a = build_train_stream(cfg, batch_size=2, seed=1)
+    a = build(cfg, batch_size=2, seed=1)
     take(a, 12)
     state = json.loads(json.dumps(a.state_dict()))
-    b = build_train_stream(cfg, batch_size=2, seed=1)
+    b = build(cfg, batch_size=2, seed=1)
     b.load_state_dict(state)
     take(b, 2)  # one batch from each worker
     for w, pos in state["positions"].items():
@@ -217,7 +222,7 @@ def test_datasets_by_weight(data, gib):
     )
     share = []
     for rank in range(2):
-        stream = build_train_stream(cfg, batch_size=8, rank=rank, world_size=2, seed=0)
+        stream = build(cfg, batch_size=8, rank=rank, world_size=2, seed=0)
         take(stream, 150)
         assert (stream.whole is None) == (gib > 0)
         s = stream.stats()
@@ -257,12 +262,12 @@ def test_config_errors_name_the_key(bad, match):
 
 def test_memory_budget(data):
     cfg = cfg_for(data["ct"], resident_gib=40e3 / 2**30)  # 40 kB: room for one volume and a bit (per_vox 3 B)
-    stream = build_train_stream(cfg, batch_size=2, with_labels=True)
+    stream = build(cfg, batch_size=2, with_labels=True)
     take(stream, 6)
     r = stream.resident
     assert r.nbytes <= 40e3 and len(r) == 1 and stream.stats()["evictions"] >= 5
     with pytest.raises(ValueError, match="data.resident_gib"):
-        build_train_stream(cfg_for(data["ct"], resident_gib=1e-6), batch_size=2)
+        build(cfg_for(data["ct"], resident_gib=1e-6), batch_size=2)
     ram = __import__("os").sysconf("SC_PAGE_SIZE") * __import__("os").sysconf("SC_PHYS_PAGES")
     assert resident_budget_bytes(DataConfig(), torch.device("cpu"), 2) == ram // 4 // 2
     assert resident_budget_bytes(DataConfig(resident_gib=1.5), torch.device("cpu"), 2) == int(1.5 * 2**30)
@@ -275,10 +280,10 @@ def test_corrupt_shards_skipped_and_counted(data, tmp_path):
     raw = shards[0].read_bytes()
     shards[0].write_bytes(raw[: len(raw) // 2])
     shards[1].write_bytes(b"\x00garbage" * 1000)
-    stream = build_train_stream(cfg_for(broken, num_workers=2, resident_gib=STREAMING), batch_size=2, with_labels=True)
+    stream = build(cfg_for(broken, num_workers=2, resident_gib=STREAMING), batch_size=2, with_labels=True)
     take(stream, 10)
     assert stream.stats()["corrupt_shards"] > 0
-    whole = build_train_stream(cfg_for(broken, num_workers=2), batch_size=2, with_labels=True)  # read by key
+    whole = build(cfg_for(broken, num_workers=2), batch_size=2, with_labels=True)  # read by key
     take(whole, 2)
     assert whole.stats()["corrupt_samples"] >= 2 and len(whole.resident) <= 4
 
@@ -298,6 +303,6 @@ def test_2d_resized_classification(tmp_path, loader):
         tmp_path / "x.csv", out, ConvertOptions(preset="xray", val_fraction=0.25, workers=0), progress=False
     ).ok
     cfg = DataConfig(path=str(out), spatial_dims=2, roi_size=(32, 32), crop="resized", num_workers=0, loader=loader)
-    b = next(build_train_stream(cfg, batch_size=4, with_labels=True))
+    b = next(build(cfg, batch_size=4, with_labels=True))
     assert b["image"].shape == (4, 1, 32, 32) and b["label"].shape == (4, 2) and b["label"].dtype == torch.float32
     assert set(b["label"].flatten().tolist()) <= {0.0, 1.0}
