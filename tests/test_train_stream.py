@@ -176,6 +176,23 @@ def test_stream_position_survives_a_crash(data):
     assert crashed == whole and set(whole) == train_shards
 
 
+def test_restore_after_a_resize_or_with_other_data(data):
+    """An elastic resize continues at the next epoch; a changed dataset list starts fresh streams; neither fails."""
+    cfg = cfg_for(data["ct"], num_workers=2, resident_gib=STREAMING)
+    a = build(cfg, batch_size=2, rank=1, world_size=2)
+    take(a, 10)
+    state = json.loads(json.dumps(a.state_dict()))
+    begun = max(p["datasets"][0][0] for p in state["positions"].values())
+    b = build(cfg, batch_size=2, rank=0, world_size=1)
+    b.load_state_dict(state)
+    take(b, 1)
+    assert min(p["datasets"][0][0] for p in b.positions.values()) >= begun + 1 and b.stats()["batches"] == 11
+    c = build(cfg_for(data["ct2"], num_workers=2, resident_gib=STREAMING), batch_size=2, rank=1, world_size=2)
+    c.load_state_dict(state)
+    take(c, 1)
+    assert c.stats()["batches"] == 11 and c.stats()["epoch/ct2"] == 0
+
+
 def test_per_crop_stream_resumes_its_position(data):
     """The per-crop path restarts each worker's volume stream where it was (fresh crop draws), not at epoch 0."""
     cfg = cfg_for(data["ct"], loader="stream", num_workers=2, crops_per_volume=2)

@@ -34,7 +34,9 @@ MAX_FG = 1024  # foreground points kept per volume (the converter stores up to -
 
 
 def default_gather(device: torch.device) -> str:
-    """``index`` on CUDA (one kernel per batch), ``slices`` on CPU (row copies beat the CPU's gather kernel)."""
+    """``index`` on CUDA, ``slices`` on a CPU. Measured for 96^3 crops with the default augmentation: H200, batch
+    128, index 103k crops/s vs slices 24k (kernel launches per crop); 2-core CPU, one thread, slices ~1,500 crops
+    per CPU second vs index ~400 (the CPU gather kernel moves a row at a time)."""
     return "index" if device.type == "cuda" else "slices"
 
 

@@ -155,28 +155,33 @@ class TrainStream:
         raise NotImplementedError
 
     def _exact(self, state: dict) -> bool:
-        """Whether ``state`` can be continued exactly here; else its epochs are carried over and logged."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data state: version {state.get('version')}, this code reads {STATE_VERSION}")
-        if state["datasets"] != [s.path for s in self.sources]:
-            raise ValueError(
-                f"data state: saved for datasets {state['datasets']}, this run reads {[s.path for s in self.sources]}"
-            )
+        """Whether ``state`` can be continued exactly here (same data, split, mode and batch)."""
         same = all(state[k] == getattr(self, k) for k in ("seed", "rank", "world_size", "num_workers"))
         return same and state["mode"] == self.mode and state["batch_size"] == self.batch_size
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state`` (``state_dict()`` of this rank); must come before the first batch."""
+        """Continue from ``state`` (``state_dict()`` of this rank); must come before the first batch.
+
+        Same datasets and split (seed, rank, world size, workers): each worker continues its shard order where it
+        was, exactly so with the same mode and batch size. Another split (an elastic resize): every worker starts
+        the epoch after the last one begun. Other datasets: fresh streams. The last two are logged."""
         if self.started:
             raise RuntimeError("load_state_dict: the stream has already started; restore before the first batch")
-        exact = self._exact(state)
-        self.batches, self.crops = int(state["batches"]), np.asarray(state["crops"], dtype=np.int64)
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data state: version {state.get('version')}, this code reads {STATE_VERSION}")
+        self.batches = int(state["batches"])
+        paths = [s.path for s in self.sources]
+        if state["datasets"] != paths:
+            log.warning("data state saved for datasets %s, this run reads %s: fresh streams", state["datasets"], paths)
+            self._load_extra(state, False)
+            return
+        self.crops = np.asarray(state["crops"], dtype=np.int64)
         positions = {int(w): p for w, p in state["positions"].items()}
         same_split = all(state[k] == getattr(self, k) for k in ("seed", "rank", "world_size", "num_workers"))
         if same_split:  # the workers read the same shards: each continues where it was
             self.positions, self.phase = positions, int(state["phase"])
             self.dataset.source.start = dict(positions)
-        else:  # another split (elastic resize): every worker starts the epoch after the last one any had begun
+        else:
             epochs = [
                 max((p["datasets"][d][0] for p in positions.values()), default=-1) + 1 for d in range(len(self.sources))
             ]
@@ -189,6 +194,7 @@ class TrainStream:
             self.dataset.source.start = {
                 w: {"n": 0, "datasets": [[e, 0, 0] for e in epochs]} for w in range(self.num_workers)
             }
+        exact = self._exact(state)
         self._restore = state if exact else None
         self._load_extra(state, exact)
 
