@@ -5,13 +5,45 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["DataConfig"]
+__all__ = ["DataConfig", "DatasetSource"]
+
+
+@dataclass
+class DatasetSource:
+    """One of several converted datasets read by one run (``data.datasets``)."""
+
+    path: str
+    """Converted dataset (tools/to_wds.py OUTPUT): a folder or fsspec URL holding manifest.json."""
+    weight: float = 1.0
+    """Relative share of training volumes (and so of crops) drawn from this dataset."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("path: must name a converted dataset")
+        if not self.weight > 0:
+            raise ValueError(f"weight: must be > 0, got {self.weight}")
 
 
 @dataclass
 class DataConfig:
     path: str = ""
     """Converted dataset (tools/to_wds.py OUTPUT): a folder or fsspec URL holding manifest.json."""
+    datasets: list[DatasetSource] = field(default_factory=list)
+    """Several converted datasets with sampling weights, instead of ``path`` (training only; validation reads
+    ``path``). They must agree on channels, spatial dims and intensity preset."""
+    allow_mixed_spacing: bool = False
+    """datasets: accept datasets resampled to different voxel spacings."""
+    loader: Literal["auto", "resident", "stream"] = "auto"
+    """Training crop path of ``build_train_stream``: resident = whole volumes held on the model's device, cropped
+    and augmented there in batch; stream = per-crop CPU path in the loader workers; auto = resident (faster in
+    every case bench/bench_data.py measures; see ``stream.resolve_loader``)."""
+    resident_gib: float = 0.0
+    """resident: memory for the resident volumes per rank, GiB; 0 = 25% of the device's memory (CUDA) or 25% of
+    the machine's RAM / local ranks (CPU). When all training volumes fit, every rank holds all of them and never
+    refills; else it streams its share through the set, capped at what that share needs."""
+    resident_reuse: float = 64.0
+    """resident, streaming: mean crops taken from a volume while it is resident; the set swaps in batch/this
+    volumes per batch, so the loader workers must decode (model crops/s)/this volumes per second."""
     format: Literal["wds", "zarr"] = "wds"
     """Storage read: WebDataset tar shards (streamed) or a Zarr group (random-access crops)."""
     spatial_dims: int = 3
@@ -82,6 +114,17 @@ class DataConfig:
             raise ValueError(f"train_fraction: must be in (0, 1], got {self.train_fraction}")
         if self.train_count is not None and self.train_count < 1:
             raise ValueError(f"train_count: must be >= 1 or null, got {self.train_count}")
+        if self.path and self.datasets:
+            raise ValueError("datasets: set either path or datasets, not both")
+        for i, d in enumerate(self.datasets):
+            if not isinstance(d, DatasetSource):
+                raise ValueError(f"datasets[{i}]: expected a mapping with path and weight, got {d!r}")
+        if len({d.path for d in self.datasets}) != len(self.datasets):
+            raise ValueError("datasets: the same path is listed twice")
+        if self.resident_gib < 0:
+            raise ValueError(f"resident_gib: must be >= 0 (0 = automatic), got {self.resident_gib}")
+        if not self.resident_reuse >= 1:
+            raise ValueError(f"resident_reuse: must be >= 1, got {self.resident_reuse}")
         if self.intensity_shift < 0:
             raise ValueError(f"intensity_shift: must be >= 0, got {self.intensity_shift}")
         if not 0 <= self.intensity_scale < 1:
