@@ -114,6 +114,9 @@ class TrainStream:
             num_workers=w,
             prefetch_factor=self.cfg.prefetch_factor if w else None,
             pin_memory=self.device.type == "cuda",
+            # Its own generator: starting the iterator draws a base seed, which from the global generator would
+            # shift the trainer's stream (MAE masks) differently in a resumed run than in an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.seed),
         )
         self._it = iter(loader)
 

@@ -38,6 +38,9 @@ class FinetuneTask(Task):
     @property
     def manifest(self) -> dict:
         if self._manifest is None:
+            if not self.cfg.data.path:
+                raise ValueError("data.path: fine-tuning reads one labelled dataset (its validation split, label names "
+                                 "and preprocessing); data.datasets mixes datasets for pretraining")
             self._manifest = read_manifest(self.cfg.data.path, self.cfg.data.storage_options)
         return self._manifest
 

@@ -55,6 +55,8 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
     cfg.run.output_dir = fix(cfg.run.output_dir)
     cfg.dist.storage_path = fix(cfg.dist.storage_path)
     cfg.data.path = fix(cfg.data.path)
+    for source in cfg.data.datasets:
+        source.path = fix(source.path)
     if hasattr(cfg.finetune, "pretrained"):
         cfg.finetune.pretrained = fix(cfg.finetune.pretrained)
     return cfg

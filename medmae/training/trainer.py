@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from medmae.config import from_dict, save_config, to_dict
-from medmae.data import build_train_loader
+from medmae.data import build_train_stream
 from medmae.distributed import (
     checkpoint_dir,
     create_engine,
@@ -75,6 +75,13 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # fixed crop and window sizes: UNETR's 3-D convolutions tune once
             torch.set_float32_matmul_precision("high")  # fp32 runs use TF32 tensor cores (peak_flops counts it)
         seed_everything(rank_seed(cfg.run.seed, self.rank))  # from here on every rank draws its own numbers
+        # Built once: its workers and resident volumes live for the whole run. On CUDA the crops come out in the
+        # compute dtype straight from the crop kernel; on a CPU that cast costs more there than in the model.
+        self.data = build_train_stream(
+            cfg.data, batch_size=self.derived.micro_batch, rank=self.rank, world_size=self.world_size,
+            seed=cfg.run.seed, with_labels=self.task.with_labels, device=self.device,
+            dtype=self.engine.dtype if self.device.type == "cuda" else torch.float32,
+        )
         self.step = 0
         self.board = Board(self.run_dir, self.rank)
         self.results: dict[str, Any] = {"task": cfg.task, "metric": self.task.metric,
@@ -105,9 +112,12 @@ class Trainer:
         self.step = int(state["step"])
         self.results = state.get("results", self.results)
         tag = f"{STEP_PREFIX}{self.step:08d}"
-        if RankState.load(ckpt / tag, self.rank) is None:  # a worker the checkpoint did not have (the run grew)
+        record = RankState.load(ckpt / tag, self.rank)
+        if record is None:  # a worker the checkpoint did not have (the run grew)
             seed_everything(rank_seed(self.cfg.run.seed, self.rank, self.step))
             logger.info("no saved random state for rank %d: a fresh stream from (seed, rank, step)", self.rank)
+        elif record.get("data"):
+            self.data.load_state_dict(record["data"])  # the stream continues its epoch where it was
         logger.info("resumed from %s at step %d (written with global batch %s, now %d)", ckpt, self.step,
                     state.get("global_batch"), self.derived.global_batch)
 
@@ -115,7 +125,8 @@ class Trainer:
         """Every rank writes its shard and its random state; under Ray the files become the reported checkpoint."""
         name = f"{STEP_PREFIX}{self.step:08d}"
         with checkpoint_dir(self.run_dir / "checkpoints", name) as d:
-            RankState.save(d / name, self.rank)  # before the engine's marker file, which says "complete"
+            # before the engine's marker file, which says "complete"
+            RankState.save(d / name, self.rank, extra={"data": self.data.state_dict()})
             self.engine.save(d, tag=name, client_state=self.client_state())
             if final:
                 self.export(Path(d))
@@ -163,22 +174,6 @@ class Trainer:
                         self.results["best"]["score"], self.results["best"]["step"])
         return res
 
-    # ---- data -------------------------------------------------------------------------------------------------------
-    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Endless micro-batches; each pass over the loader is an epoch with its own seed (resume draws fresh)."""
-        epoch = 0
-        while True:
-            seed = self.cfg.run.seed + 100_003 * self.step + epoch
-            loader = build_train_loader(self.cfg.data, batch_size=self.derived.micro_batch, rank=self.rank,
-                                        world_size=self.world_size, seed=seed, with_labels=self.task.with_labels)
-            got = False
-            for batch in loader:
-                got = True
-                yield {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            if not got:
-                raise RuntimeError(f"the training data at {self.cfg.data.path} yielded no batch for rank {self.rank}")
-            epoch += 1
-
     # ---- training ---------------------------------------------------------------------------------------------------
     def train_step(self, data: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
         """One optimizer step over ``grad_accum`` micro-batches. Returns the last micro-batch and its outputs too."""
@@ -213,7 +208,7 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         cfg = self.cfg
-        data = self.batches()
+        data = self.data
         progress = Progress(cfg.train.max_steps, self.step)
         flops = train_flops_per_sample(cfg.model["name"], self.model_cfg) * self.derived.global_batch
         peak = peak_flops(self.device, self.engine.dtype)
@@ -222,6 +217,7 @@ class Trainer:
             logger.info("run already complete at step %d (train.max_steps=%d): exporting only", self.step,
                         cfg.train.max_steps)
             self.export()
+            self.data.close()
             self.board.close()
             return metrics
         t0 = time.perf_counter()
@@ -243,6 +239,7 @@ class Trainer:
                 if peak:
                     metrics["mfu"] = flops / dt / (peak * self.world_size)
                 self.board.scalars(metrics, self.step, prefix="train/")
+                self.board.scalars(self.data.stats(), self.step, prefix="data/")
                 if self.rank == 0:
                     progress.update(self.step - 1, metrics)
                 t0 = time.perf_counter()
@@ -264,6 +261,7 @@ class Trainer:
         if final is not None:
             metrics = {**metrics, "val_score": final["score"]}
         self.save_checkpoint(metrics, final=True)
+        self.data.close()
         self.board.close()
         return metrics
 
