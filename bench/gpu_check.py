@@ -10,6 +10,7 @@ Sections (each guarded: a failure is recorded and the next section runs):
             MaskedAutoEncoderViT (autocast), at several batch sizes; FLOPs from torch's flop counter; MFU
   engine    the same model in our DeepSpeed engine (ZeRO-2 bf16): step time and host syncs per step, with our
             generated config and with DeepSpeed's throughput timer switched back on (the old config)
+  zero      the engine's step at ZeRO stages 0, 1 and 2 (bf16): time, kernels and host syncs per step
   profile   where a step's time goes: GPU-busy time vs wall time, kernels per step, the costliest host operations
             (model alone, and inside the DeepSpeed engine)
   pinned    whether a non_blocking host-to-device copy of a batch overlaps (pinned) or blocks (pageable)
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medmae.io import write_json_atomic  # noqa: E402
 from medmae.models import create_model  # noqa: E402
 
-SECTIONS = ("env", "sdpa", "model", "engine", "profile", "pinned", "loader", "train", "compile")
+SECTIONS = ("env", "sdpa", "model", "engine", "zero", "profile", "pinned", "loader", "train", "compile")
 
 
 def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
@@ -332,6 +333,39 @@ def section_profile(args, device):
         eng.step()
 
     out["deepspeed_zero2"] = _profile_steps(step, device)
+    return out
+
+
+def section_zero(args, device):
+    from medmae.distributed import DistributedConfig, create_engine
+    from medmae.training.config import OptimConfig
+    from medmae.training.optim import build_optimizer
+
+    b = args.batch[-1]
+    out: dict = {"batch": b}
+    for stage in (0, 1, 2):
+        torch.manual_seed(0)
+        model = create_model("mae_vit_base_patch16_3d", **model_kwargs(args))
+        cfg = DistributedConfig(num_workers=1, zero_stage=stage, precision="bf16" if device.type == "cuda" else "auto")
+        eng = create_engine(model, build_optimizer(model, OptimConfig(), 1e-4, device.type), cfg, micro_batch=b,
+                            grad_accum=1, grad_clip=1.0)
+        x = torch.randn(b, 1, *model.cfg.img_size, device=device, dtype=eng.dtype)
+
+        def step(eng=eng, x=x):
+            loss = eng(x)[0]
+            eng.backward(loss)
+            eng.step()
+
+        row = {"step_s": timed(step, args.steps, args.warmup, device)}
+        if device.type == "cuda":
+            prof = _profile_steps(step, device)
+            row.update({k: prof[k] for k in ("gpu_busy_fraction", "kernels_per_step", "syncs_per_step")})
+        row["crops_per_s"] = b / row["step_s"]
+        out[f"zero{stage}"] = row
+        print(f"  zero {stage}: {row}", flush=True)
+        del eng, model, x
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 

@@ -32,8 +32,10 @@ class DistributedConfig:
     """Worker-group failures Ray Train recovers from (restart from the latest checkpoint); -1 is unlimited."""
     storage_path: str = "runs"
     """Where Ray Train persists checkpoints and results: a local folder or a URL such as ``s3://bucket/runs``."""
-    zero_stage: int = 2
-    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer), 2 (+gradients), 3 (+parameters)."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer), 2 (+gradients), 3 (+parameters). Stage 1 is
+    the fastest measured for a ViT-B MAE (H200, bf16, batch 128: 84 ms a step; stage 0 83 ms with 260 host syncs;
+    stage 2 119 ms, its per-parameter gradient hooks launch 3x the kernels); 2 and 3 save memory, not time."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Compute precision: ``auto`` is bf16 where the device supports it, else fp32; fp16 needs a GPU."""
     offload_optimizer: bool = False
