@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from medmae.config import load_config
+from medmae.data import read_manifest
 from medmae.data.convert.options import ConvertOptions
 from medmae.data.convert.run import convert
 from medmae.data.labels import brats_regions, regions_to_brats
-from medmae.data.synthetic import make_phantom, write_phantom_dataset
+from medmae.data.synthetic import write_phantom_dataset
 from medmae.models import create_model, save_encoder
 from medmae.training.config import JobConfig
 
@@ -119,27 +120,51 @@ def test_brats_regions_train_and_validate_per_region(tmp_path_factory):
     assert set(best["dice"]) == {"WT", "TC", "ET"}
 
 
-def test_classification_trains_and_reports_auc(tmp_path):
+def test_classification_learns_and_reports_the_best_model_on_the_official_test_list(tmp_path):
+    """NIH-style CSV with patients, a train_val list and a test list: the model learns a visible finding, is
+    selected on the patient-wise hold-out of train_val, and its best weights are scored once on the test list."""
     import itk
 
-    rows = ["image,effusion,mass"]
-    for i in range(8):
-        img = (make_phantom((40, 40), 2, seed=i, kind="xray")[0][0] * 255).astype(np.uint8)
-        itk.imwrite(itk.image_from_array(np.ascontiguousarray(img.T)), str(tmp_path / f"x{i}.png"))
-        rows.append(f"x{i}.png,{i % 2},{int(i % 4 == 3)}")
+    rng = np.random.default_rng(0)
+    rows, test = ["Image Index,effusion,mass,Patient ID"], []
+    for i in range(36):
+        img = rng.normal(60, 10, (40, 40))
+        effusion = i % 2
+        if effusion:  # a bright patch the model can learn
+            img[4:20, 4:20] += 120
+        name = f"x{i:02d}.png"
+        itk.imwrite(itk.image_from_array(np.clip(img, 0, 255).astype(np.uint8)), str(tmp_path / name))
+        rows.append(f"{name},{effusion},{int(rng.random() < 0.3)},p{i // 2}")
+        if i >= 28:
+            test.append(name)
     (tmp_path / "x.csv").write_text("\n".join(rows) + "\n")
-    convert(tmp_path / "x.csv", tmp_path / "wds", ConvertOptions(preset="xray", val_fraction=0.5, workers=0, seed=1),
-            progress=False)
+    (tmp_path / "test_list.txt").write_text("\n".join(test) + "\n")
+    (tmp_path / "train_val_list.txt").write_text("\n".join(f"x{i:02d}.png" for i in range(28)) + "\n")
+    convert(tmp_path / "x.csv", tmp_path / "wds", ConvertOptions(
+        preset="xray", val_fraction=0.25, workers=0, seed=1, group_col="Patient ID", image_col="Image Index",
+        label_cols=["effusion", "mass"],
+        train_list=str(tmp_path / "train_val_list.txt"), test_list=str(tmp_path / "test_list.txt")), progress=False)
     cfg = load_config(JobConfig, None, [
         "task=classify", "model.name=vit_2d_cls_debug", "model.num_classes=2", f"data.path={tmp_path / 'wds'}",
-        "data.spatial_dims=2", "data.roi_size=[32,32]", "data.crop=resized", "data.num_workers=0",
-        "data.samples_per_epoch=32", "train.max_steps=4", "dist.num_workers=1", f"run.output_dir={tmp_path / 'runs'}",
+        "data.spatial_dims=2", "data.roi_size=[32,32]", "data.crop=resized", "data.resized_min_scale=0.8",
+        "data.num_workers=0", "data.samples_per_epoch=64", "train.max_steps=40", "train.micro_batch=8",
+        "optim.lr=2e-3", "run.val_every=20", "dist.num_workers=1", f"run.output_dir={tmp_path / 'runs'}",
         "run.name=cls",
     ])
     _trainer(cfg).train()
-    best = json.loads((tmp_path / "runs" / "cls" / "results.json").read_text())["best"]
-    assert set(best["auc"]) == {"effusion", "mass"} and best["images"] == 4
-    assert 0.0 <= best["auc"]["effusion"] <= 1.0
+    results = json.loads((tmp_path / "runs" / "cls" / "results.json").read_text())
+    best, final_test = results["best"], results["test"]
+    samples = read_manifest(tmp_path / "wds")["samples"]
+    val = [s for s in samples if s["split"] == "validation"]
+    assert set(best["auc"]) == {"effusion", "mass"} and best["images"] == len(val) >= 4
+    # the hold-out is by patient: no patient has images on both sides
+    patient = {f"x{i:02d}": f"p{i // 2}" for i in range(36)}
+    assert not {patient[s["key"]] for s in val} & {patient[s["key"]] for s in samples if s["split"] == "train"}
+    assert best["auc"]["effusion"] >= 0.85, best
+    # the test list is scored once, with the best model (its step), and never used for selection
+    assert final_test["step"] == best["step"] and final_test["images"] == len(test)
+    assert final_test["auc"]["effusion"] >= 0.8, final_test
+    assert all("test" not in h for h in results["history"])
 
 
 @pytest.mark.slow

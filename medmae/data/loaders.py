@@ -168,13 +168,14 @@ class ValDataset(Dataset):
         return out
 
 
-def build_val_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """Every validation volume exactly once across ranks (rank r takes volumes r, r + world_size, ...), whole,
-    batch size 1: ``{"image": (1, C, *S), "label": (1, 1, *S) int64 if present, "key": str, "meta": dict}``."""
+def build_val_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, split: str = "validation") -> DataLoader:
+    """Every volume of ``split`` (``validation``, or ``test`` when the dataset has an official test list) exactly once
+    across ranks (rank r takes volumes r, r + world_size, ...), whole, batch size 1:
+    ``{"image": (1, C, *S), "label": (1, 1, *S) int64 if present, "key": str, "meta": dict}``."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank: must be in [0, world_size={world_size}), got {rank}")
     manifest = _load_manifest(cfg)
-    val = sorted((s for s in manifest["samples"] if s["split"] == "validation"), key=lambda s: s["key"])
+    val = sorted((s for s in manifest["samples"] if s["split"] == split), key=lambda s: s["key"])
     mine = val[rank::world_size]
     workers = min(cfg.num_workers, len(mine))
     return DataLoader(ValDataset(cfg, manifest, mine), batch_size=None, shuffle=False, num_workers=workers)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from medmae.distributed.collectives import all_gather_objects, all_reduce_sum, barrier, mean_over_ranks
+from medmae.distributed.collectives import all_gather_objects, all_reduce_sum, barrier, broadcast_, mean_over_ranks
 from medmae.distributed.config import DistributedConfig
 
 _LAZY = {
@@ -35,7 +35,8 @@ _LAZY = {
     "world_info": "ray_launch",
 }
 
-__all__ = ["DistributedConfig", "all_gather_objects", "all_reduce_sum", "barrier", "mean_over_ranks", *_LAZY]
+__all__ = ["DistributedConfig", "all_gather_objects", "all_reduce_sum", "barrier", "broadcast_", "mean_over_ranks",
+           *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_objects", "all_reduce_sum", "barrier", "mean_over_ranks", "world_size"]
+__all__ = ["all_gather_objects", "all_reduce_sum", "barrier", "broadcast_", "mean_over_ranks", "world_size"]
 
 
 def world_size() -> int:
@@ -34,6 +34,13 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """In place: rank ``src``'s ``t`` on every rank."""
+    if world_size() > 1:
+        dist.broadcast(t, src)
+    return t
 
 
 def barrier() -> None:

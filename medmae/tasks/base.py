@@ -92,9 +92,13 @@ class Task:
         return None
 
     def validate(self, model: nn.Module, resolved: Any, rank: int, world_size: int, device: torch.device,
-                 dtype: torch.dtype) -> dict[str, Any] | None:
-        """Whole-set validation on this rank's share, reduced over ranks; ``{"score": ..., ...}`` or None."""
+                 dtype: torch.dtype, split: str = "validation") -> dict[str, Any] | None:
+        """Whole-split evaluation on this rank's share, reduced over ranks; ``{"score": ..., ...}`` or None."""
         return None
+
+    def has_split(self, split: str) -> bool:
+        """Whether the dataset holds samples of ``split`` (the trainer scores the best model on ``test`` at the end)."""
+        return False
 
     def export(self, state: dict[str, torch.Tensor], resolved: Any, directory: Path,
                filename: str | None = None) -> list[Path]:

@@ -36,7 +36,8 @@ class ClassifyTask(FinetuneTask):
         return self.loss_fn(logits, batch["label"].float().reshape(logits.shape)), logits
 
     def validate(self, model: nn.Module, resolved: Any, rank: int, world_size: int, device: torch.device,
-                 dtype: torch.dtype) -> dict[str, Any]:
-        return evaluate_classification(model, self.val_loader(rank, world_size), roi=tuple(self.cfg.data.roi_size),
+                 dtype: torch.dtype, split: str = "validation") -> dict[str, Any]:
+        return evaluate_classification(model, self.val_loader(rank, world_size, split),
+                                       roi=tuple(self.cfg.data.roi_size),
                                        num_classes=resolved.num_classes, device=device, dtype=dtype,
                                        class_names=self.label_names(resolved))

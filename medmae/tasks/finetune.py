@@ -54,8 +54,11 @@ class FinetuneTask(Task):
                         f", {report['interpolated']}" if report["interpolated"] else "")
         return model
 
-    def val_loader(self, rank: int, world_size: int) -> Any:
-        return build_val_loader(self.cfg.data, rank=rank, world_size=world_size)
+    def val_loader(self, rank: int, world_size: int, split: str = "validation") -> Any:
+        return build_val_loader(self.cfg.data, rank=rank, world_size=world_size, split=split)
+
+    def has_split(self, split: str) -> bool:
+        return any(s["split"] == split for s in self.manifest["samples"])
 
     def label_names(self, resolved: Any) -> list[str]:
         """Names of the model's output channels, from the dataset manifest when it has them."""

@@ -90,14 +90,14 @@ class SegmentTask(FinetuneTask):
         return self.loss_fn(logits, target), logits
 
     def validate(self, model: nn.Module, resolved: Any, rank: int, world_size: int, device: torch.device,
-                 dtype: torch.dtype) -> dict[str, Any]:
+                 dtype: torch.dtype, split: str = "validation") -> dict[str, Any]:
         if self.regions and resolved.num_classes != 3:
             raise ValueError(f"model.num_classes: BraTS regions need 3 outputs (WT, TC, ET), "
                              f"got {resolved.num_classes}")
         names = self.label_names(resolved)
         evaluated = names if self.regions else names[1:]  # background is not scored
         return evaluate_segmentation(
-            model, self.val_loader(rank, world_size), roi=tuple(self.cfg.data.roi_size),
+            model, self.val_loader(rank, world_size, split), roi=tuple(self.cfg.data.roi_size),
             num_classes=resolved.num_classes, regions=self.regions, device=device, dtype=dtype,
             sw_batch=self.opts.sw_batch, overlap=self.opts.sw_overlap,
             class_names=None if self.regions else evaluated, score_classes=self.score_indices(evaluated),

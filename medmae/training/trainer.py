@@ -25,6 +25,7 @@ import torch
 from medmae.config import from_dict, save_config, to_dict
 from medmae.data import build_train_stream
 from medmae.distributed import (
+    broadcast_,
     checkpoint_dir,
     create_engine,
     init_process_group,
@@ -83,6 +84,7 @@ class Trainer:
             dtype=self.engine.dtype if self.device.type == "cuda" else torch.float32,
         )
         self.step = 0
+        self._best_state: dict[str, torch.Tensor] = {}
         self.board = Board(self.run_dir, self.rank)
         self.results: dict[str, Any] = {"task": cfg.task, "metric": self.task.metric,
                                         "metric_groups": list(self.task.metric_groups), "best": None, "history": []}
@@ -141,15 +143,17 @@ class Trainer:
         for old in steps[: -self.cfg.run.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def export(self, extra_dir: Path | None = None, filename: str | None = None) -> None:
-        """Consolidated fp32 weights through the task (MAE: ``encoder.safetensors``) into the run directory."""
+    def export(self, extra_dir: Path | None = None, filename: str | None = None) -> dict[str, torch.Tensor]:
+        """Consolidated fp32 weights through the task (MAE: ``encoder.safetensors``) into the run directory; returns
+        them on rank 0 (``{}`` elsewhere)."""
         state = self.engine.consolidated_state_dict()  # collective
         if self.rank != 0:
-            return
+            return state
         for path in self.task.export(state, self.model_cfg, self.run_dir, filename=filename):
             logger.info("exported %s", path)
             if extra_dir is not None:
                 shutil.copy2(path, extra_dir / path.name)
+        return state
 
     # ---- validation -------------------------------------------------------------------------------------------------
     def validate(self) -> dict[str, Any] | None:
@@ -167,11 +171,40 @@ class Trainer:
         best = self.results["best"]
         if best is None or (np.isfinite(res["score"]) and not res["score"] <= best["score"]):
             self.results["best"] = res
-            self.export(filename="best_model.safetensors")  # collective
+            best_state = self.export(filename="best_model.safetensors")  # collective
+            if self.task.has_split("test"):  # kept (rank 0, CPU) to score the best model on the test split at the end
+                self._best_state = best_state
         if self.rank == 0:
             write_json_atomic(self.run_dir / "results.json", self.results)
             logger.info("validation at step %d: score %.4f (best %.4f at step %d)", self.step, res["score"],
                         self.results["best"]["score"], self.results["best"]["step"])
+        return res
+
+    def test(self) -> dict[str, Any] | None:
+        """The best model by validation score, scored once on the dataset's test split (ChestX-ray14's official
+        test list): the number to report, never used to select anything. Runs after the final checkpoint, since it
+        loads the best weights into the model."""
+        if self.results["best"] is None or not self.task.has_split("test"):
+            return None
+        best = self._best_state if self.rank == 0 else {}
+        if self.rank == 0 and not best:  # a resumed run: the best weights are only on disk
+            from safetensors.torch import load_file
+
+            best = load_file(str(self.run_dir / "best_model.safetensors"))
+        with torch.no_grad():
+            for name, value in self.engine.module.state_dict().items():
+                incoming = best[name].to(value.device, value.dtype) if self.rank == 0 else torch.empty_like(value)
+                value.copy_(broadcast_(incoming))
+        res = self.task.validate(self.engine.module, self.model_cfg, self.rank, self.world_size, self.device,
+                                 self.engine.dtype, split="test")
+        if res is None:
+            return None
+        res = {"step": self.results["best"]["step"], **res}
+        self.board.scalars({k: v for k, v in res.items() if isinstance(v, float)}, self.step, prefix="test/")
+        self.results["test"] = res
+        if self.rank == 0:
+            write_json_atomic(self.run_dir / "results.json", self.results)
+            logger.info("test split, best model (step %d): score %.4f", res["step"], res["score"])
         return res
 
     # ---- training ---------------------------------------------------------------------------------------------------
@@ -262,6 +295,7 @@ class Trainer:
             metrics = {**metrics, "val_score": final["score"]}
         self.save_checkpoint(metrics, final=True)
         self.data.close()
+        self.test()
         self.board.close()
         return metrics
 
