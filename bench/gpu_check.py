@@ -431,8 +431,8 @@ def section_train(args, device):
         Trainer(cfg).train()
         wall = time.perf_counter() - t0
         lines = [json.loads(x) for x in (root / "runs/gpu_check/metrics.jsonl").read_text().splitlines()]
-        data = [x for x in lines if any(k.startswith("data/") for k in x)]
         lines = [x for x in lines if "train/loss" in x]
+        data = lines[-1:]
         steady = [x for x in lines if x["step"] > 10 and "train/volumes_per_s" in x] or lines[-1:]
         out = {"model": cfg.model["name"], "micro_batch": micro, "steps": args.train_steps, "wall_s": wall,
                "convert_s": convert_s, "loss_first": lines[0]["train/loss"], "loss_last": lines[-1]["train/loss"]}

@@ -8,9 +8,11 @@ and listing the valid ones), how to apply ``a.b=c`` overrides, and how to write 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -19,6 +21,8 @@ import yaml
 T = TypeVar("T")
 
 __all__ = [
+    "Range",
+    "check_ranges",
     "from_dict",
     "to_dict",
     "load_config",
@@ -27,6 +31,49 @@ __all__ = [
     "save_config",
     "field_docs",
 ]
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric config field, declared with the field: ``keep_last: Annotated[int, Range(ge=1)] = 2``.
+
+    :func:`check_ranges` (called first in each config's ``__post_init__``) enforces them; a list or tuple field has
+    each item checked, and None (an optional field left unset) passes.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def holds(self, x: float) -> bool:
+        return ((self.ge is None or x >= self.ge) and (self.gt is None or x > self.gt)
+                and (self.le is None or x <= self.le) and (self.lt is None or x < self.lt))
+
+    def __str__(self) -> str:
+        low = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
+        high = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return f">= {self.ge:g}" if self.ge is not None else f"> {self.gt:g}"
+        return f"<= {self.le:g}" if self.le is not None else f"< {self.lt:g}"
+
+
+@functools.cache
+def _ranges(cls: type) -> tuple[tuple[str, Range], ...]:
+    hints = get_type_hints(cls, include_extras=True)
+    return tuple((f.name, m) for f in dataclasses.fields(cls) for m in getattr(hints[f.name], "__metadata__", ())
+                 if isinstance(m, Range))
+
+
+def check_ranges(cfg: Any) -> None:
+    """``ValueError`` naming the first field of dataclass ``cfg`` outside its declared :class:`Range`."""
+    for name, bounds in _ranges(type(cfg)):
+        value = getattr(cfg, name)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if any(x is not None and not bounds.holds(x) for x in items):
+            raise ValueError(f"{name}: must be {bounds}, got {value!r}")
 
 
 def _type_name(tp: Any) -> str:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from medmae.config import Range, check_ranges
+from medmae.io import is_url
 
 __all__ = ["AshaConfig", "GridConfig", "SweepConfig", "TrialResources"]
 
@@ -14,9 +17,9 @@ INITS = ("scratch", "mae")
 class GridConfig:
     init: list[str] = field(default_factory=lambda: list(INITS))
     """initialisations: scratch (random) and/or mae (the pretrained encoder)"""
-    train_fraction: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
+    train_fraction: Annotated[list[float], Range(gt=0, le=1)] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
     """fractions of the training volumes (data.train_fraction; the subset is drawn with data.subset_seed = seed)"""
-    lr: list[float] = field(default_factory=lambda: [1e-3])
+    lr: Annotated[list[float], Range(gt=0)] = field(default_factory=lambda: [1e-3])
     """learning rates, written to optim.<lr_key>"""
     lr_key: Literal["base_lr", "lr"] = "base_lr"
     """base_lr (scaled by global batch / 256) or lr (absolute peak)"""
@@ -33,50 +36,42 @@ class GridConfig:
         bad = [i for i in self.init if i not in INITS]
         if bad:
             raise ValueError(f"init: {bad[0]!r} is not one of {list(INITS)}")
-        if not all(0.0 < f <= 1.0 for f in self.train_fraction):
-            raise ValueError(f"train_fraction: every value must be in (0, 1], got {self.train_fraction}")
-        if not all(lr > 0 for lr in self.lr):
-            raise ValueError(f"lr: every value must be positive, got {self.lr}")
+        check_ranges(self)
 
 
 @dataclass
 class TrialResources:
-    workers: int = 1
+    workers: Annotated[int, Range(ge=1)] = 1
     """Ray Train workers per trial (dist.num_workers)"""
     min_workers: int | None = None
     """set -> elastic trials using any worker count in [min_workers, workers] (dist.min_workers)"""
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: Annotated[float, Range(gt=0)] = 1.0
     """CPUs reserved per worker (dist.cpus_per_worker)"""
-    driver_cpus: float = 0.0
+    driver_cpus: Annotated[float, Range(ge=0)] = 0.0
     """CPUs reserved for the trial's driver function (it only waits on its TorchTrainer; the workers get theirs)"""
-    driver_memory_mb: int = 256
+    driver_memory_mb: Annotated[int, Range(ge=1)] = 256
     """memory reserved for the trial's driver function (Tune needs a non-empty request per trial)"""
-    max_failures: int = 1
+    max_failures: Annotated[int, Range(ge=-1)] = 1
     """worker-group failures a trial recovers from by restarting at its checkpoint (dist.max_failures; -1 = any)"""
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ValueError(f"workers: must be >= 1, got {self.workers}")
+        check_ranges(self)
         if self.min_workers is not None and not 1 <= self.min_workers <= self.workers:
             raise ValueError(f"min_workers: must be in [1, workers={self.workers}], got {self.min_workers}")
-        if self.cpus_per_worker <= 0 or self.driver_cpus < 0 or self.driver_memory_mb < 1:
-            raise ValueError("cpus_per_worker: must be > 0; driver_cpus: must be >= 0; driver_memory_mb: >= 1")
-        if self.max_failures < -1:
-            raise ValueError(f"max_failures: must be >= -1, got {self.max_failures}")
+
 
 
 @dataclass
 class AshaConfig:
     enabled: bool = False
     """stop trials whose val_score falls behind at the rungs (ASHA, mode max); needs run.val_every in the trials"""
-    grace_period: int = 100
+    grace_period: Annotated[int, Range(ge=1)] = 100
     """steps every trial runs before it can be stopped"""
-    reduction_factor: float = 2.0
+    reduction_factor: Annotated[float, Range(gt=1)] = 2.0
     """keep the top 1/reduction_factor of trials at each rung"""
 
     def __post_init__(self) -> None:
-        if self.grace_period < 1 or self.reduction_factor <= 1:
-            raise ValueError("grace_period: must be >= 1; reduction_factor: must be > 1")
+        check_ranges(self)
 
 
 @dataclass
@@ -95,17 +90,17 @@ class SweepConfig:
     """encoder.safetensors used by the mae trials (finetune.pretrained)"""
     grid: GridConfig = field(default_factory=GridConfig)
     resources: TrialResources = field(default_factory=TrialResources)
-    max_concurrent_trials: int = 0
+    max_concurrent_trials: Annotated[int, Range(ge=-1)] = 0
     """0 = as many as the cluster's free CPUs/GPUs hold at start; -1 = no limit (extra trials wait for nodes)"""
     asha: AshaConfig = field(default_factory=AshaConfig)
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if not self.name or "/" in self.name:
             raise ValueError(f"name: must be a non-empty name without '/', got {self.name!r}")
-        if "://" in self.storage_path:
+        if is_url(self.storage_path):
             raise ValueError("storage_path: must be a filesystem path (shared on a cluster): trials write their "
                              "results.json there and the report reads them")
         if "mae" in self.grid.init and not self.pretrained:
             raise ValueError("pretrained: the grid has init 'mae', so an encoder.safetensors path is required")
-        if self.max_concurrent_trials < -1:
-            raise ValueError(f"max_concurrent_trials: must be >= -1, got {self.max_concurrent_trials}")
+

@@ -49,10 +49,11 @@ def collect_rows(trials_dir: Path, specs: Iterable[TrialSpec]) -> list[dict[str,
         status = read_trial_status(run_dir)
         results = _read_json(run_dir / "results.json") or {}
         best = results.get("best") or {}
+        metric, groups = _metric_names(results)
         row: dict[str, Any] = {"trial": spec.name, **spec.params(), "status": status["status"],
-                               "best_step": best.get("step"), "metric": results.get("metric", ""),
+                               "best_step": best.get("step"), "metric": metric,
                                "score": best.get("score"), "wall_time_s": status.get("wall_time_s")}
-        for group in results.get("metric_groups", ()):
+        for group in groups:
             row.update({f"{group}/{k}": v for k, v in (best.get(group) or {}).items()})
         if "mean_hd95" in best:
             row["mean_hd95"] = best["mean_hd95"]
@@ -70,6 +71,19 @@ def _results_csv(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
     return out.getvalue()
+
+
+def _metric_names(results: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+    """The score's name and the per-class metric groups: recorded in results.json, else (files written before they
+    were) from the task's spec."""
+    if "metric_groups" in results:
+        return results.get("metric", ""), tuple(results["metric_groups"])
+    if not results.get("task"):
+        return "", ()
+    from medmae.tasks import task_class
+
+    spec = task_class(results["task"])
+    return spec.metric, spec.metric_groups
 
 
 def _finite(v: Any) -> bool:

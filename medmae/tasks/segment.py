@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
+from medmae.config import Range, check_ranges
 from medmae.data.labels import BRATS_REGIONS, brats_regions, regions_to_brats
 from medmae.models import UNETR
 from medmae.tasks.base import register_task
@@ -38,9 +39,9 @@ class RegionLoss(nn.Module):
 class SegmentOptions(FinetuneOptions):
     labels: Literal["classes", "brats_regions"] = "classes"
     """segmentation targets: softmax classes, or sigmoid BraTS regions WT/TC/ET from MSD labels 1/2/3"""
-    sw_overlap: float = 0.5
+    sw_overlap: Annotated[float, Range(ge=0, lt=1)] = 0.5
     """sliding-window overlap for whole-volume validation"""
-    sw_batch: int = 4
+    sw_batch: Annotated[int, Range(ge=1)] = 4
     """windows per forward during validation"""
     score_classes: tuple[int | str, ...] = ()
     """classes whose mean Dice is the validation score (best model, sweep reports), by label value (1 = first
@@ -51,10 +52,7 @@ class SegmentOptions(FinetuneOptions):
 
     def __post_init__(self) -> None:
         self.score_classes = tuple(self.score_classes)
-        if not 0.0 <= self.sw_overlap < 1.0:
-            raise ValueError(f"sw_overlap: must be in [0, 1), got {self.sw_overlap}")
-        if self.sw_batch < 1:
-            raise ValueError(f"sw_batch: must be >= 1, got {self.sw_batch}")
+        check_ranges(self)
         if any(isinstance(c, int) and c < 1 for c in self.score_classes):
             raise ValueError(f"score_classes: label values start at 1 (0 is background), got {self.score_classes}")
 

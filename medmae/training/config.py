@@ -6,8 +6,9 @@ A YAML file holds only what differs from these defaults; ``launch/*.py --config 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
+from medmae.config import Range, check_ranges
 from medmae.data.config import DataConfig
 from medmae.distributed.config import DistributedConfig
 from medmae.models.registry import get_entry
@@ -22,73 +23,61 @@ class RunConfig:
     """where run directories (config, checkpoints, TensorBoard, exports) are written"""
     seed: int = 0
     """seed for weights, masking, crops and shuffling"""
-    log_every: int = 10
+    log_every: Annotated[int, Range(ge=1)] = 10
     """steps between console/TensorBoard scalar logs"""
-    image_every: int = 100
+    image_every: Annotated[int, Range(ge=0)] = 100
     """steps between TensorBoard reconstruction images (0 = never)"""
-    checkpoint_every: int = 100
+    checkpoint_every: Annotated[int, Range(ge=1)] = 100
     """steps between checkpoints (a final one is always written)"""
-    keep_last: int = 2
+    keep_last: Annotated[int, Range(ge=1)] = 2
     """checkpoints kept on disk"""
-    val_every: int = 0
+    val_every: Annotated[int, Range(ge=0)] = 0
     """steps between validations (0 = only at the end; fine-tuning)"""
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if not self.name or "/" in self.name:
             raise ValueError(f"name: must be a non-empty name without '/', got {self.name!r}")
-        for k in ("log_every", "checkpoint_every", "keep_last"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"{k}: must be >= 1, got {getattr(self, k)}")
-        if self.image_every < 0 or self.val_every < 0:
-            raise ValueError("image_every/val_every: must be >= 0")
 
 
 @dataclass
 class OptimConfig:
-    base_lr: float = 1.5e-4
+    base_lr: Annotated[float, Range(gt=0)] = 1.5e-4
     """lr per 256 samples: lr = base_lr × global_batch / 256 (MAE's rule)"""
-    lr: float | None = None
+    lr: Annotated[float | None, Range(gt=0)] = None
     """absolute peak lr; when set it replaces the base_lr scaling"""
-    min_lr: float = 0.0
+    min_lr: Annotated[float, Range(ge=0)] = 0.0
     """floor of the cosine decay"""
-    weight_decay: float = 0.05
+    weight_decay: Annotated[float, Range(ge=0)] = 0.05
     """AdamW weight decay (never on norms, biases, position tables and tokens)"""
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: Annotated[tuple[float, float], Range(ge=0, lt=1)] = (0.9, 0.95)
     """AdamW betas"""
-    warmup_steps: int = 0
+    warmup_steps: Annotated[int, Range(ge=0)] = 0
     """linear warmup steps, then cosine decay to min_lr at max_steps"""
-    layer_decay: float = 1.0
+    layer_decay: Annotated[float, Range(gt=0, le=1)] = 1.0
     """layer-wise lr decay through the encoder's group_matcher (1.0 = off; fine-tuning uses ~0.75)"""
-    grad_clip: float = 0.0
+    grad_clip: Annotated[float, Range(ge=0)] = 0.0
     """max global gradient norm (0 = no clipping)"""
 
     def __post_init__(self) -> None:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
-        if self.base_lr <= 0 or (self.lr is not None and self.lr <= 0):
-            raise ValueError("base_lr/lr: must be positive")
-        if self.min_lr < 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
-            raise ValueError("min_lr/weight_decay/grad_clip/warmup_steps: must be >= 0")
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas: must be in [0, 1), got {self.betas}")
-        if not 0.0 < self.layer_decay <= 1.0:
-            raise ValueError(f"layer_decay: must be in (0, 1], got {self.layer_decay}")
+        check_ranges(self)
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
+    max_steps: Annotated[int, Range(ge=1)] = 1000
     """optimizer steps in the whole run"""
-    micro_batch: int = 2
+    micro_batch: Annotated[int, Range(ge=1)] = 2
     """samples per worker per forward/backward"""
-    global_batch: int | None = None
+    global_batch: Annotated[int | None, Range(ge=1)] = None
     """samples per optimizer step over all workers (None = micro_batch × workers); sets gradient accumulation"""
     grad_checkpointing: bool = False
     """recompute encoder (and MAE decoder) blocks in backward to save activation memory; a runtime switch, so a
     resumed run may turn it on or off"""
 
     def __post_init__(self) -> None:
-        if self.max_steps < 1 or self.micro_batch < 1:
-            raise ValueError("max_steps/micro_batch: must be >= 1")
+        check_ranges(self)
         if self.global_batch is not None and self.global_batch < self.micro_batch:
             raise ValueError(f"global_batch: {self.global_batch} is smaller than micro_batch {self.micro_batch}")
 

@@ -271,8 +271,9 @@ class Trainer:
                 }
                 if peak:
                     metrics["mfu"] = flops / dt / (peak * self.world_size)
-                self.board.scalars(metrics, self.step, prefix="train/")
-                self.board.scalars(self.data.stats(), self.step, prefix="data/")
+                # one metrics.jsonl line per logged step: the step's training scalars and the data stream's counters
+                self.board.scalars({**{f"train/{k}": v for k, v in metrics.items()},
+                                    **{f"data/{k}": v for k, v in self.data.stats().items()}}, self.step)
                 if self.rank == 0:
                     progress.update(self.step - 1, metrics)
                 t0 = time.perf_counter()
