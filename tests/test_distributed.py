@@ -94,8 +94,20 @@ def test_deepspeed_config_refusals():
         build_deepspeed_config(cfg, micro_batch=2, grad_accum=1, world_size=1, grad_clip=-1.0, device_type="cpu")
 
 
+def test_precision_auto_on_cuda_counts_only_native_bf16(monkeypatch):
+    # T4 / V100 emulate bf16 (slowly): is_bf16_supported() says yes unless emulation is excluded
+    def supported(including_emulation: bool = True) -> bool:
+        return including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    assert resolve_precision("auto", "cuda") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_precision("auto", "cuda") == "bf16"
+
+
 def test_precision_auto_and_fp16_on_cuda():
-    assert resolve_precision("auto", "cpu") in ("bf16", "fp32")
+    native = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
     assert resolve_precision("fp16", "cuda") == "fp16"
     assert resolve_precision("fp32", "cpu") == "fp32"
 

@@ -109,12 +109,17 @@ def test_masking_keeps_round_l_times_one_minus_ratio_and_restore_inverts(ratio):
         assert not torch.equal(mask[0], mask[1])
 
 
-def test_masking_stays_on_the_input_device_without_host_sync():
-    x = torch.randn(2, 16, 4)
-    if torch.cuda.is_available():
-        x = x.cuda()
+def test_masking_and_the_whole_mae_step_run_without_host_sync():
+    # A tensor on the meta device has no data: any .item(), .tolist(), .cpu() or data-dependent branch raises, so
+    # this fails exactly where a CUDA step would stall the host waiting for the GPU.
+    x = torch.randn(2, 16, 4, device="meta")
     _, mask, ids = MaskedAutoencoderViT.random_masking(x, 0.75)
-    assert mask.device == x.device and ids.device == x.device
+    assert mask.device == x.device and ids.device == x.device and mask.shape == (2, 16)
+    with torch.device("meta"):
+        model = create_model("mae_vit_3d_debug")
+        loss, pred, mask = model(torch.randn(2, 1, *model.cfg.img_size))
+    loss.backward()
+    assert loss.device.type == "meta" and pred.shape[:2] == mask.shape
 
 
 @pytest.mark.parametrize("norm_pix", [True, False])
