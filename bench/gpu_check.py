@@ -39,6 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medmae.io import write_json_atomic  # noqa: E402
 from medmae.models import create_model  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_model import monai_mae  # noqa: E402  (the same reference model in both benches)
+
 SECTIONS = ("env", "sdpa", "model", "engine", "zero", "profile", "pinned", "loader", "train", "compile")
 
 
@@ -134,18 +137,6 @@ def section_sdpa(args, device):
     }
 
 
-def _monai_mae(cfg, device):
-    from monai.networks.nets import MaskedAutoEncoderViT
-
-    return MaskedAutoEncoderViT(
-        in_channels=cfg.in_chans, img_size=cfg.img_size, patch_size=cfg.patch_size, hidden_size=cfg.embed_dim,
-        mlp_dim=int(cfg.embed_dim * cfg.mlp_ratio), num_layers=cfg.depth, num_heads=cfg.num_heads,
-        masking_ratio=cfg.mask_ratio, decoder_hidden_size=cfg.decoder_embed_dim,
-        decoder_mlp_dim=int(cfg.decoder_embed_dim * cfg.mlp_ratio), decoder_num_layers=cfg.decoder_depth,
-        decoder_num_heads=cfg.decoder_num_heads, qkv_bias=cfg.qkv_bias, spatial_dims=len(cfg.img_size),
-    ).to(device)
-
-
 def _step(model, x, autocast_dtype, loss_fn=None):
     """One training step of ``model`` on ``x`` (loss: MAE's own unless ``loss_fn``) with fused AdamW."""
     loss_fn = loss_fn or (lambda v: model(v)[0])
@@ -194,7 +185,7 @@ def section_model(args, device):
         row["ours_autocast_ckpt_s"] = timed(_step(ours, x, bf16), args.steps, args.warmup, device)
         ours.set_grad_checkpointing(False)
         try:
-            ref = _monai_mae(cfg, device)
+            ref = monai_mae(cfg, device)
 
             def ref_loss(v, ref=ref, ours=ours):
                 pred, mask = ref(v)
@@ -227,7 +218,10 @@ def section_model(args, device):
     return out
 
 
-def _engine_run(args, device, b, timers: bool):
+def engine_step(args, device, b: int, stage: int = 2, timers: bool = False):
+    """A ViT-B/16 MAE train step in our DeepSpeed engine (one process), on a fixed random batch of ``b`` crops.
+
+    ``timers`` puts DeepSpeed's synchronised throughput timer back (its default, which our JSON switches off)."""
     from medmae.distributed import DistributedConfig, create_engine
     from medmae.distributed import engine as engine_mod
     from medmae.training.config import OptimConfig
@@ -235,17 +229,16 @@ def _engine_run(args, device, b, timers: bool):
 
     build = engine_mod.build_deepspeed_config
 
-    def patched(*a, **k):
+    def with_timer(*a, **k):
         ds = build(*a, **k)
-        if timers:  # DeepSpeed's default: a synchronized throughput timer around every micro-step
-            ds.pop("timers", None)
+        ds.pop("timers", None)
         return ds
 
-    engine_mod.build_deepspeed_config = patched
+    engine_mod.build_deepspeed_config = with_timer if timers else build
     try:
         torch.manual_seed(0)
         model = create_model("mae_vit_base_patch16_3d", **model_kwargs(args))
-        cfg = DistributedConfig(num_workers=1, zero_stage=2, precision="bf16" if device.type == "cuda" else "auto")
+        cfg = DistributedConfig(num_workers=1, zero_stage=stage, precision="bf16" if device.type == "cuda" else "auto")
         eng = create_engine(model, build_optimizer(model, OptimConfig(), 1e-4, device.type), cfg, micro_batch=b,
                             grad_accum=1, grad_clip=1.0)
     finally:
@@ -257,6 +250,11 @@ def _engine_run(args, device, b, timers: bool):
         eng.backward(loss)
         eng.step()
 
+    return step
+
+
+def _engine_run(args, device, b, timers: bool):
+    step = engine_step(args, device, b, timers=timers)
     t = timed(step, args.steps, args.warmup, device)
     syncs = None
     if device.type == "cuda":
@@ -317,45 +315,16 @@ def section_profile(args, device):
     x = torch.randn(b, 1, *model.cfg.img_size, device=device, dtype=torch.bfloat16)
     out = {"batch": b, "model_alone": _profile_steps(_step(model, x, None), device)}
     del model
-    from medmae.distributed import DistributedConfig, create_engine
-    from medmae.training.config import OptimConfig
-    from medmae.training.optim import build_optimizer
-
-    torch.manual_seed(0)
-    model = create_model("mae_vit_base_patch16_3d", **model_kwargs(args))
-    eng = create_engine(model, build_optimizer(model, OptimConfig(), 1e-4, device.type),
-                        DistributedConfig(num_workers=1, zero_stage=2, precision="bf16"), micro_batch=b, grad_accum=1,
-                        grad_clip=1.0)
-
-    def step():
-        loss = eng(x)[0]
-        eng.backward(loss)
-        eng.step()
-
+    step = engine_step(args, device, b, stage=2)
     out["deepspeed_zero2"] = _profile_steps(step, device)
     return out
 
 
 def section_zero(args, device):
-    from medmae.distributed import DistributedConfig, create_engine
-    from medmae.training.config import OptimConfig
-    from medmae.training.optim import build_optimizer
-
     b = args.batch[-1]
     out: dict = {"batch": b}
     for stage in (0, 1, 2):
-        torch.manual_seed(0)
-        model = create_model("mae_vit_base_patch16_3d", **model_kwargs(args))
-        cfg = DistributedConfig(num_workers=1, zero_stage=stage, precision="bf16" if device.type == "cuda" else "auto")
-        eng = create_engine(model, build_optimizer(model, OptimConfig(), 1e-4, device.type), cfg, micro_batch=b,
-                            grad_accum=1, grad_clip=1.0)
-        x = torch.randn(b, 1, *model.cfg.img_size, device=device, dtype=eng.dtype)
-
-        def step(eng=eng, x=x):
-            loss = eng(x)[0]
-            eng.backward(loss)
-            eng.step()
-
+        step = engine_step(args, device, b, stage=stage)
         row = {"step_s": timed(step, args.steps, args.warmup, device)}
         if device.type == "cuda":
             prof = _profile_steps(step, device)
@@ -363,7 +332,7 @@ def section_zero(args, device):
         row["crops_per_s"] = b / row["step_s"]
         out[f"zero{stage}"] = row
         print(f"  zero {stage}: {row}", flush=True)
-        del eng, model, x
+        del step
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out
@@ -393,7 +362,6 @@ def section_pinned(args, device):
 
 def section_loader(args, device):
     try:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_data import measure_loader  # the resident crop path vs the model (issue 12)
     except ImportError as e:
         return {"skipped": f"no loader bench in this checkout ({e})"}
