@@ -33,8 +33,17 @@ def test_yaml_and_command_line_take_one_size(tmp_path):
     f.write_text("model:\n  name: mae_vit_3d_debug\n  img_size: 48\ndata:\n  roi_size: 48\n")
     cfg = load_config(JobConfig, f)
     assert cfg.model_config().img_size == (48, 48, 48) and cfg.data.roi_size == (48, 48, 48)
-    cfg = load_config(JobConfig, None, ["task=segment", "model.name=unetr_vit_2d_debug", "model.img_size=[64]",
-                                        "data.spatial_dims=2", "data.roi_size=[64]"])
+    cfg = load_config(
+        JobConfig,
+        None,
+        [
+            "task=segment",
+            "model.name=unetr_vit_2d_debug",
+            "model.img_size=[64]",
+            "data.spatial_dims=2",
+            "data.roi_size=[64]",
+        ],
+    )
     assert cfg.model_config().img_size == (64, 64) and cfg.data.roi_size == (64, 64)
     # Full tuples still work, and the job's model is the one the trainer builds.
     cfg = load_config(JobConfig, None, ["model.name=mae_vit_3d_debug", "model.img_size=[32,32,16]"])
