@@ -152,7 +152,8 @@ def test_readme_commands_from_a_clean_clone(tmp_path):
             "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/medmae/torch_extensions")
         ),
     }
-    for name in ("RAY_ADDRESS", "PYTHONPATH"):  # a clone's scripts find their own medmae
+    # A clone's scripts find their own medmae; the outer `make test`'s flags (TORCH=..., -j) are not the newcomer's.
+    for name in ("RAY_ADDRESS", "PYTHONPATH", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"):
         env.pop(name, None)
 
     # 1. `make demo` up to its pretraining: the sample volumes and their shards, at the path the configs name.
