@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(TORCH)
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/medmae/torch_extensions
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo demo-data test lint format bench clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,14 +24,22 @@ endif
 install: $(STAMP)
 
 # The sample data: the real ICBM152 T1 template that nilearn ships (offline), converted to WebDataset shards.
-data/sample/dataset.json: | $(STAMP)
-	$(BIN)/python tools/sample_data.py data/sample
+# It lives at the absolute path configs/*_debug.yaml name (~/.cache/medmae/sample_wds), not in the checkout:
+# `ray job submit --working-dir .` uploads the checkout without what .gitignore hides, so a path inside it would
+# not resolve in the job, while this one resolves for every process of this user on this machine.
+SAMPLE := $(HOME)/.cache/medmae/sample
+SAMPLE_WDS := $(HOME)/.cache/medmae/sample_wds
 
-data/sample_wds/manifest.json: data/sample/dataset.json
-	$(BIN)/python tools/to_wds.py data/sample/dataset.json data/sample_wds --format wds --preset mri \
+$(SAMPLE)/dataset.json: | $(STAMP)
+	$(BIN)/python tools/sample_data.py $(SAMPLE)
+
+$(SAMPLE_WDS)/manifest.json: $(SAMPLE)/dataset.json
+	$(BIN)/python tools/to_wds.py $(SAMPLE)/dataset.json $(SAMPLE_WDS) --format wds --preset mri \
 		--spacing 2 2 2 --shard-size-mb 4
 
-demo: $(STAMP) data/sample_wds/manifest.json
+demo-data: $(SAMPLE_WDS)/manifest.json
+
+demo: $(STAMP) demo-data
 	$(BIN)/python launch/pretrain.py --config configs/pretrain_debug.yaml
 
 test: $(STAMP)

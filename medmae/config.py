@@ -30,6 +30,7 @@ __all__ = [
     "apply_overrides",
     "save_config",
     "field_docs",
+    "broadcast_size",
 ]
 
 
@@ -113,10 +114,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ValueError(f"{key}: expected a mapping for section '{key}', got {value!r}")
         return from_dict(tp, value, prefix=f"{key}.")
     if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
         args = get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
+        fixed = origin is tuple and args and args[-1] is not Ellipsis
+        if not isinstance(value, (list, tuple)):
+            if fixed:
+                raise ValueError(f"{key}: expected a list, got {value!r}")
+            # One value where a list of any length fits is a one-item list (`roi_size: 96`); the component's
+            # __post_init__ says what one item means (one size for every spatial dim: see broadcast_size).
+            inner = args[0] if args else Any
+            try:
+                return origin([_coerce(value, inner, key)])
+            except ValueError:
+                raise ValueError(f"{key}: expected a list (or a single {_type_name(inner)}), got {value!r}") from None
+        if fixed:
             if len(args) != len(value):
                 raise ValueError(f"{key}: expected {len(args)} items, got {len(value)}")
             items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
@@ -152,6 +162,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     raise ValueError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+
+
+def broadcast_size(value: Any, dims: int) -> Any:
+    """One size for every spatial dim, as timm and MONAI take it: ``96`` or ``[96]`` -> ``(96,) * dims``.
+
+    Other sequences come back as tuples and anything else unchanged, for the caller's check to name. timm's
+    ``to_ntuple`` keeps a 1-tuple as it is, which is why this exists.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * dims
+    if isinstance(value, (list, tuple)):
+        return tuple(value) * dims if len(value) == 1 else tuple(value)
+    return value
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:  # cls: a dataclass

@@ -6,13 +6,6 @@ One local Ray session serves the module; each run is a few dozen steps of the de
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -113,58 +106,3 @@ def test_killed_worker_restarts_from_checkpoint_and_rerun_resumes(ray_session, t
     result = _pretrain(longer)
     assert result.error is None and result.metrics["step"] == 13
     assert [m["step"] for m in _metrics(longer)][len(steps):] == [11, 12, 13]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ray_job_submit_runs_the_pretrain_launcher(tmp_path, shards):
-    """`ray job submit` of launch/pretrain.py to a head this test starts on 127.0.0.1 (and stops)."""
-    bin_dir = Path(sys.executable).parent
-    temp = f"/tmp/rjp_{os.getpid()}"
-    # The job's `python` is looked up on the head's PATH. No drain on SIGTERM: a test head serves nobody.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    work = tmp_path / "work"
-    for part in ("medmae", "launch", "configs"):
-        shutil.copytree(REPO / part, work / part, ignore=shutil.ignore_patterns("__pycache__"))
-    # Every port explicit: a Ray already on this machine holds the defaults, and a clash leaves the head without
-    # a job agent ("No available agent to submit job").
-    port, dash, *agent_ports = (_free_port() for _ in range(7))
-    port_flags = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-                  "--metrics-export-port", "--ray-client-server-port"]
-    # --block keeps `ray start` in the foreground: SIGTERM to it stops exactly this head (`ray stop` stops all).
-    start = [str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats",
-             "--temp-dir", temp, "--object-store-memory", str(200 * 1024**2)]
-    start += [x for flag, p in zip(port_flags, agent_ports) for x in (flag, str(p))]
-    head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", dash)) == 0:
-                    break
-            assert head.poll() is None, "ray start exited"
-            time.sleep(0.5)
-        submit = [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
-                  str(work), "--", "python", "launch/pretrain.py", "--config", "configs/pretrain_debug.yaml",
-                  f"data.path={shards}", f"run.output_dir={tmp_path / 'runs'}", f"dist.storage_path={tmp_path / 'ray'}",
-                  "train.max_steps=4", "run.checkpoint_every=4", "data.num_workers=0", "run.name=job"]
-        proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        assert "succeeded" in proc.stdout.lower(), proc.stdout[-4000:]
-        assert (tmp_path / "runs" / "job" / "encoder.safetensors").is_file()
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        shutil.rmtree(temp, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Write the demo's sample dataset: the real ICBM152 2009 T1 template (bundled with nilearn, offline) and variants.
 
-    python tools/sample_data.py data/sample [--count 6]
+    python tools/sample_data.py ~/.cache/medmae/sample [--count 6]      # what `make demo` runs
 
 Writes ``imagesTr/``, ``labelsTr/`` (0 background, 1 grey matter, 2 white matter, from nilearn's tissue maps) and an
 MSD-style ``dataset.json`` (the last volume is the validation split). One real brain is not a training set, so the

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from medmae.config import broadcast_size
+
 __all__ = ["DataConfig", "DatasetSource"]
 
 
@@ -49,7 +51,7 @@ class DataConfig:
     spatial_dims: int = 3
     """3 for volumes, 2 for x-rays; must match the dataset."""
     roi_size: tuple[int, ...] = (96, 96, 96)
-    """Crop size in voxels, one entry per spatial dim; volumes smaller than it are zero-padded."""
+    """Crop size in voxels, one entry per spatial dim (or one for all); volumes smaller than it are zero-padded."""
     crops_per_volume: int = 4
     """Crops cut from each decoded (wds) or opened (zarr) volume before moving to the next."""
     crop: Literal["random", "pos_neg", "resized"] = "random"
@@ -90,6 +92,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims: must be 2 or 3, got {self.spatial_dims}")
+        self.roi_size = broadcast_size(self.roi_size, self.spatial_dims)  # 96 or [96]: a cube (square in 2D)
         if len(self.roi_size) != self.spatial_dims or min(self.roi_size) < 1:
             raise ValueError(f"roi_size: expected {self.spatial_dims} positive sizes, got {self.roi_size}")
         if self.crop == "resized" and self.spatial_dims != 2:

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from medmae.config import from_dict
+from medmae.config import broadcast_size, from_dict
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,17 @@ class ModelEntry:
     defaults: Callable[[], dict[str, Any]]
 
     def config(self, _prefix: str = "", **overrides: Any) -> Any:
-        """Validated config; ``_prefix`` (e.g. ``"model."``) is how error messages name the keys."""
-        return from_dict(self.config_cls, {**self.defaults(), **overrides}, prefix=_prefix)
+        """Validated config; ``_prefix`` (e.g. ``"model."``) is how error messages name the keys.
+
+        ``img_size=96`` (or ``[96]``) is a cube, or a square for a 2D flavour: the flavour's default says how many
+        spatial dims, which the config alone cannot know.
+        """
+        defaults = self.defaults()
+        values = {**defaults, **overrides}
+        if "img_size" in overrides:
+            dims = len(defaults.get("img_size", self.config_cls.img_size))
+            values["img_size"] = broadcast_size(overrides["img_size"], dims)
+        return from_dict(self.config_cls, values, prefix=_prefix)
 
 
 _REGISTRY: dict[str, ModelEntry] = {}

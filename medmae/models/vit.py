@@ -23,7 +23,7 @@ from medmae.layers import Block, PatchEmbed, PosEmbed, PrefixTokens
 @dataclass
 class ViTConfig:
     img_size: tuple[int, ...] = (96, 96, 96)
-    """input spatial size; its length sets 2D or 3D"""
+    """input spatial size; its length sets 2D or 3D (create_model and model.img_size also take one size: a cube)"""
     patch_size: int = 16
     """cubic/square patch edge in voxels"""
     in_chans: int = 1
@@ -46,9 +46,13 @@ class ViTConfig:
     """prepend a learnable cls token"""
 
     def __post_init__(self) -> None:
+        if isinstance(self.img_size, int) or len(self.img_size) == 1:
+            # Only the registered flavour knows its dims: create_model / model.img_size broadcast one size.
+            raise ValueError(f"img_size: one size ({self.img_size}) needs the model's spatial dims; give one per "
+                             "dim, e.g. (96, 96, 96), or pass it to create_model, which broadcasts it")
         self.img_size = tuple(self.img_size)
-        if len(self.img_size) not in (2, 3):
-            raise ValueError(f"img_size: expected 2 or 3 values, got {self.img_size}")
+        if len(self.img_size) not in (2, 3) or min(self.img_size) < 1:
+            raise ValueError(f"img_size: expected 2 or 3 positive sizes, got {self.img_size}")
         if self.patch_size <= 0 or any(s % self.patch_size for s in self.img_size):
             raise ValueError(f"img_size: {self.img_size} is not divisible by patch_size {self.patch_size}")
         for name in ("in_chans", "embed_dim", "depth", "num_heads"):

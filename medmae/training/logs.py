@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +18,21 @@ _FORMAT = "%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
 
 
 def setup_logging(rank: int, level: int = logging.INFO) -> None:
-    """Route medmae's loggers to stderr with the rank in every line (idempotent per process)."""
+    """Route medmae's loggers to stderr with the rank in every line (idempotent per process).
+
+    Ranks other than 0 log only warnings and errors: their INFO lines repeat rank 0's on every console.
+    """
     root = logging.getLogger("medmae")
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(_FORMAT.format(rank=rank), datefmt="%H:%M:%S"))
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(level if rank == 0 else max(level, logging.WARNING))
     root.propagate = False
+    # DeepSpeed 0.19 gathers through this deprecated torch alias; the warning is about its code, not ours.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
 
 
 class Board:
