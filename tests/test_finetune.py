@@ -49,13 +49,13 @@ def _trainer(cfg: JobConfig):
 
 
 def test_unetr_learns_an_easy_segmentation(tmp_path, seg_shards):
-    cfg = _job(tmp_path, seg_shards, "run.name=learn", "train.max_steps=150", "data.samples_per_epoch=1200",
-               "run.val_every=75", "optim.lr=3e-3", "optim.layer_decay=1.0")
+    cfg = _job(tmp_path, seg_shards, "run.name=learn", "train.max_steps=200", "data.samples_per_epoch=1600",
+               "run.val_every=100", "optim.lr=3e-3", "optim.layer_decay=1.0")
     trainer = _trainer(cfg)
     trainer.train()
     run = tmp_path / "runs" / "learn"
     results = json.loads((run / "results.json").read_text())
-    assert [h["step"] for h in results["history"]] == [75, 150]
+    assert [h["step"] for h in results["history"]] == [100, 200]
     best = results["best"]
     assert best["mean_dice"] >= 0.8, best
     assert set(best["dice"]) == set(best["hd95"]) and len(best["dice"]) == 2  # background excluded
@@ -71,7 +71,7 @@ def test_unetr_learns_an_easy_segmentation(tmp_path, seg_shards):
 
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
-    assert [e.step for e in acc.Scalars("val/mean_dice")] == [75, 150]
+    assert [e.step for e in acc.Scalars("val/mean_dice")] == [100, 200]
 
 
 def test_pretrained_encoder_initialises_every_encoder_weight(tmp_path, seg_shards):

@@ -117,11 +117,10 @@ class _ForegroundOptions(FinetuneOptions):
     """voxels above it count as foreground"""
 
 
-@register_task
 class _ForegroundFraction(FinetuneTask):
     """A new task in a few lines: regress the fraction of foreground voxels of a crop with a ViT."""
 
-    name = "test_foreground_fraction"
+    name = "foreground_fraction"
     default_model = "vit_3d_cls_debug"
     model_classes = (ViTClassifier,)
     options = _ForegroundOptions
@@ -137,13 +136,23 @@ class _ForegroundFraction(FinetuneTask):
         return []
 
 
-def test_a_new_task_is_one_spec_and_its_registration(tmp_path):
+@pytest.fixture
+def foreground_task():
+    """The task registered for one test only (the registry is process-wide: --help would list it elsewhere)."""
+    from medmae.tasks import base
+
+    register_task(_ForegroundFraction)
+    yield _ForegroundFraction
+    base._TASKS.pop(_ForegroundFraction.name)
+
+
+def test_a_new_task_is_one_spec_and_its_registration(tmp_path, foreground_task):
     root = tmp_path / "data"
     datalist = write_phantom_dataset(root / "raw", n=3, shape=(24, 24, 24), num_classes=2, seed=1)
     convert(datalist, root / "wds", ConvertOptions(format="wds", preset="ct", workers=0), progress=False)
-    assert task_class("test_foreground_fraction") is _ForegroundFraction
+    assert task_class("foreground_fraction") is foreground_task
     cfg = load_config(JobConfig, None, [
-        "task=test_foreground_fraction", "model.num_classes=1", "model.img_size=[16,16,16]", "model.patch_size=8",
+        "task=foreground_fraction", "model.num_classes=1", "model.img_size=[16,16,16]", "model.patch_size=8",
         f"data.path={root / 'wds'}", "data.roi_size=[16,16,16]", "data.num_workers=0", "data.samples_per_epoch=8",
         f"run.output_dir={tmp_path / 'runs'}", "run.name=fg", "train.max_steps=3", "dist.num_workers=1",
         "finetune.threshold=0.5", "run.log_every=1"])
