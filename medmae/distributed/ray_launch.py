@@ -43,12 +43,16 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 COMPLETE_MARKER = "medmae_dist.json"  # written by Engine.save on rank 0 after every rank's shard is on disk
 # Variables the launching shell sets for the workers: NCCL / libfabric (EFA) tuning, and medmae's own.
 FORWARDED_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "FI_", "MEDMAE_")
+# Where the object store is (an S3-compatible endpoint, its region), never who may use it: Ray shows a job's
+# environment in its dashboard, so credentials stay with each node (instance role, IRSA, the node's environment).
+FORWARDED_ENV_NAMES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 def forwarded_env() -> dict[str, str]:
-    """This process's ``NCCL_*``, ``TORCH_NCCL_*``, ``FI_*`` and ``MEDMAE_*`` variables, for the Ray workers: a
-    worker's environment is its raylet's, not the shell's that ran the launcher."""
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    """This process's ``NCCL_*``, ``TORCH_NCCL_*``, ``FI_*`` and ``MEDMAE_*`` variables and the object store's
+    endpoint and region (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ...), for the Ray workers: a worker's environment is
+    its raylet's, not the shell's that ran the launcher."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV_NAMES}
 
 
 def in_ray_worker() -> bool:
@@ -216,7 +220,8 @@ def run_ray(train_fn: Callable[[dict], None], train_fn_config: dict[str, Any], c
         train_fn,
         train_loop_config=train_fn_config,
         torch_config=TorchConfig(backend=backend),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=cfg.resize_interval_s),
         run_config=RunConfig(
             name=run_name,
             storage_path=_storage_path(cfg.storage_path),
