@@ -123,7 +123,7 @@ def test_checkpoints_in_the_bucket_resume_a_killed_run_and_hold_the_encoder(ray_
         "run.log_every=1",
         "run.image_every=0",
         "run.checkpoint_every=4",
-        "train.max_steps=10",
+        "train.max_steps=40",  # the killed driver's workers go on for a moment: room to die mid-run
         "dist.num_workers=1",  # two workers' checkpoints in the bucket: test_multinode.py
     ]
     metrics = tmp_path / "runs" / "s3" / "metrics.jsonl"
@@ -155,15 +155,15 @@ def test_checkpoints_in_the_bucket_resume_a_killed_run_and_hold_the_encoder(ray_
         time.sleep(0.5)
     killed_at = _steps(metrics)
     saved = committed_step(f"{storage}/s3")
-    assert killed_at[-1] < 10 and not (tmp_path / "runs" / "s3" / "encoder.safetensors").exists()
+    assert killed_at[-1] < 40 and not (tmp_path / "runs" / "s3" / "encoder.safetensors").exists()
 
     cfg = load_config(JobConfig, REPO / "configs/pretrain_debug.yaml", overrides)
     result = run_ray(train_worker, {"config": to_dict(cfg)}, cfg.dist, run_name="s3")
-    assert result.error is None and result.metrics["step"] == 10
+    assert result.error is None and result.metrics["step"] == 40
     resumed = _steps(metrics)[len(killed_at) :]
-    assert resumed == list(range(saved + 1, 11)), (killed_at, resumed)  # from the bucket's newest checkpoint
+    assert resumed == list(range(saved + 1, 41)), (killed_at, resumed)  # from the bucket's newest checkpoint
 
-    final = _checkpoints(f"{storage}/s3")[10]
+    final = _checkpoints(f"{storage}/s3")[40]
     url = f"{final}/encoder.safetensors"
     weights, enc_cfg = read_encoder(url)
     local, local_cfg = read_encoder(tmp_path / "runs" / "s3" / "encoder.safetensors")
