@@ -10,6 +10,7 @@ filesystem would be.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -84,6 +85,7 @@ def test_elastic_pretraining_grows_onto_a_new_node_and_survives_losing_one(ray_c
     killed: it goes on with 1 worker from the last checkpoint. Global batch 8 throughout (4 x 2 accumulation on one
     worker, 4 x 1 on two)."""
     from medmae.distributed import run_ray
+    from medmae.distributed.ray_launch import resume_folder
     from medmae.training.trainer import train_worker
 
     storage = f"{s3_bucket}/checkpoints"
@@ -151,6 +153,10 @@ def test_elastic_pretraining_grows_onto_a_new_node_and_survives_losing_one(ray_c
         assert sum(curve[s] for s in range(b + 1, b + 4)) / 3 < 0.85 * first, curve
     assert sum(curve[s] for s in range(56, 61)) / 5 < 0.7 * first, curve
     assert committed_step(f"{storage}/elastic") == 60
+    # both resumes downloaded their checkpoint from the bucket; the node disk (one /tmp here) keeps only the newest
+    downloads = resume_folder(f"{storage.removeprefix('s3://')}/elastic")
+    assert len([p for p in downloads.iterdir() if p.is_dir()]) == 1
+    shutil.rmtree(downloads)
 
 
 @pytest.fixture(scope="module")
