@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,6 +108,7 @@ def test_checkpoints_in_the_bucket_resume_a_killed_run_and_hold_the_encoder(ray_
     import ray
 
     from medmae.distributed import run_ray
+    from medmae.distributed.ray_launch import resume_folder
     from medmae.sweep import SweepConfig
     from medmae.sweep.grid import trial_jobs
     from medmae.tasks import get_task
@@ -162,6 +164,7 @@ def test_checkpoints_in_the_bucket_resume_a_killed_run_and_hold_the_encoder(ray_
     assert result.error is None and result.metrics["step"] == 40
     resumed = _steps(metrics)[len(killed_at) :]
     assert resumed == list(range(saved + 1, 41)), (killed_at, resumed)  # from the bucket's newest checkpoint
+    shutil.rmtree(resume_folder(f"{storage.removeprefix('s3://')}/s3"))  # where the re-run downloaded it
 
     final = _checkpoints(f"{storage}/s3")[40]
     url = f"{final}/encoder.safetensors"
