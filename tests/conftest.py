@@ -1,7 +1,9 @@
-"""Fixtures shared by the test modules: a light real Ray, and a real S3 server (moto)."""
+"""Fixtures shared by the test modules: a light real Ray, a real S3 server (moto), and a Ray cluster of several
+nodes on this machine."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -87,7 +89,113 @@ def make_bucket(endpoint: str, prefix: str = "test") -> str:
     return f"s3://{name}"
 
 
+def committed_step(run_url: str) -> int | None:
+    """Step of the newest checkpoint Ray Train has committed for the run at ``run_url`` (``<storage_path>/<name>``,
+    local or ``s3://``), None before the first: a checkpoint counts once the controller has written it into
+    ``checkpoint_manager_snapshot.json``; a run re-started or resumed continues from that one, even if a newer
+    checkpoint's files were uploaded already."""
+    import fsspec
+
+    try:
+        with fsspec.open(f"{run_url}/checkpoint_manager_snapshot.json", "rt") as f:
+            latest = json.load(f).get("latest_checkpoint_result")
+    except FileNotFoundError:
+        return None
+    return None if latest is None else int(latest["metrics"]["step"])
+
+
 @pytest.fixture
 def s3_bucket(s3_server) -> str:
     """A fresh, empty bucket on the session's S3 server, as ``s3://name``."""
     return make_bucket(s3_server)
+
+
+class ClusterNodes:
+    """The nodes of the ``ray_cluster`` fixture: add worker nodes, kill them the hard way, list them."""
+
+    def __init__(self, cluster) -> None:
+        self.cluster = cluster
+
+    def add(self, cpus: int = 1):
+        """A new node offering ``cpus`` CPUs (1 = one training worker, as a 1-GPU node offers one GPU worker)."""
+        return self.cluster.add_node(num_cpus=cpus, object_store_memory=80 * 2**20)
+
+    def kill(self, node) -> None:
+        """SIGKILL the node's raylet and every process on it, as when a spot instance disappears (no drain)."""
+        self.cluster.remove_node(node, allow_graceful=False)
+
+    @property
+    def workers(self) -> list:
+        return list(self.cluster.worker_nodes)
+
+
+def _fast_autoscaling_coordinator(ray, head_id: str) -> None:
+    """Start Ray's AutoscalingCoordinator ourselves with a 1 s refresh instead of 20 s.
+
+    Ray Train's elastic policy sizes the worker group from this named actor's view of the nodes, which it refreshes
+    every ``TICK_INTERVAL_S`` = 20 s (a class constant, no setting). The same class with a shorter period, created
+    first under the same name, is the one Ray Train then finds: a join or a loss is seen in ~1 s, nothing else
+    changes. The elastic test's schedule is sized for that: with 20 s the run would finish before it could grow.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            _AutoscalingCoordinatorActor,
+        )
+    except ImportError as e:  # a Ray other than 2.60 moved it: find it again rather than get a slow, flaky test
+        raise RuntimeError(f"Ray's AutoscalingCoordinator is no longer where this fixture expects it: {e}") from e
+
+    class FastTick(_AutoscalingCoordinatorActor):
+        TICK_INTERVAL_S = 1
+
+    actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(FastTick).options(
+        name="AutoscalingCoordinator", namespace="AutoscalingCoordinator", lifetime="detached", get_if_exists=True,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(head_id, soft=False),
+    ).remote()
+    ray.get(actor.get_reserved_resources.remote("medmae-tests"))
+
+
+@pytest.fixture(scope="module")
+def _ray_cluster_module(s3_server):
+    """Several Ray nodes on this machine (``ray.cluster_utils.Cluster``): real raylets, each with its own resources.
+
+    The head has no CPUs, so it runs only drivers, Ray Train controllers and Tune trial drivers (as a cloud head
+    does); tests add 1-CPU worker nodes and kill them. Nodes start after ``s3_server``, so their processes see the
+    session's S3 endpoint and credentials as cluster nodes see their object store.
+    """
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    temp = f"/tmp/rc{os.getpid()}"  # socket paths must stay short
+    os.makedirs(f"{temp}/ray", exist_ok=True)
+    with pytest.MonkeyPatch.context() as env:
+        # Cluster writes its address into $RAY_TMPDIR/ray/ray_current_cluster: a private folder keeps other Ray
+        # users of this machine (`ray.init(address="auto")`) from joining the test cluster.
+        env.setenv("RAY_TMPDIR", temp)
+        env.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")  # the controller polls workers (2 s by default)
+        env.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "5")  # a group planned on a node just lost retries
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "object_store_memory": 80 * 2**20, "include_dashboard": False, "temp_dir": f"{temp}/ray",
+            # A killed raylet is declared dead after ~1.5 s instead of ~15 s (3 s period x 5 misses).
+            "_system_config": {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 500,
+                               "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3},
+        })
+        try:
+            ray.init(address=cluster.address, log_to_driver=False)
+            _fast_autoscaling_coordinator(ray, ray.get_runtime_context().get_node_id())
+            yield ClusterNodes(cluster)
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_cluster(_ray_cluster_module):
+    """The module's multi-node Ray cluster (see ``_ray_cluster_module``); the worker nodes a test adds are removed
+    after it, so every test starts with the head alone."""
+    yield _ray_cluster_module
+    for node in _ray_cluster_module.workers:
+        _ray_cluster_module.kill(node)

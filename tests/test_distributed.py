@@ -39,10 +39,23 @@ def test_config_from_dict_defaults_and_values():
     ({"precision": "fp8"}, "precision"),
     ({"backend": "mpi"}, "backend"),
     ({"storage_path": ""}, "storage_path"),
+    ({"resize_interval_s": 0}, "resize_interval_s"),
 ])
 def test_config_rejects_bad_values_naming_the_field(data, field):
     with pytest.raises(ValueError, match=field):
         from_dict(DistributedConfig, data)
+
+
+def test_workers_get_the_object_store_endpoint_but_no_credentials(monkeypatch):
+    from medmae.distributed import forwarded_env
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("NCCL_DEBUG", "INFO")
+    env = forwarded_env()
+    assert env["AWS_ENDPOINT_URL"] == "http://minio:9000" and env["AWS_REGION"] == "eu-west-1"
+    assert env["NCCL_DEBUG"] == "INFO" and "AWS_SECRET_ACCESS_KEY" not in env
 
 
 def test_config_direct_construction_validates_literals():

@@ -24,6 +24,9 @@ class DistributedConfig:
     """Number of training workers (processes); the maximum when ``min_workers`` is set."""
     min_workers: int | None = None
     """When set, the run is elastic: Ray Train runs with any count in ``[min_workers, num_workers]``."""
+    resize_interval_s: float = 60.0
+    """Elastic runs: seconds between Ray Train's checks for room to grow; growing restarts every worker from the
+    last checkpoint, so the steps since it are redone (shrinking after a lost node needs no check)."""
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     """One GPU per worker: ``auto`` uses GPUs when the Ray cluster has any, ``yes`` requires them."""
     cpus_per_worker: float = 1.0
@@ -49,6 +52,8 @@ class DistributedConfig:
         if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
             raise ValueError(f"min_workers: must be between 1 and num_workers={self.num_workers}, "
                              f"got {self.min_workers}")
+        if not self.resize_interval_s > 0:
+            raise ValueError(f"resize_interval_s: must be > 0, got {self.resize_interval_s}")
         if self.use_gpu not in _USE_GPU:
             raise ValueError(f"use_gpu: {self.use_gpu!r} is not one of {list(_USE_GPU)}")
         if not self.cpus_per_worker > 0:

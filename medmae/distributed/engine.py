@@ -204,9 +204,13 @@ class Engine:
         """Convert ``directory/tag`` into a node-local universal checkpoint (local rank 0 converts, all wait)."""
         from deepspeed.checkpoint import ds_to_universal
 
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        # The node's first global rank names the folder: nodes that share one /tmp (several Ray nodes on one
+        # machine, as in the multi-node tests) would otherwise convert into, and delete, each other's copy.
+        node_leader = self.rank - local_rank
         key = hashlib.sha1(f"{directory.resolve()}/{tag}".encode()).hexdigest()[:16]
-        out = Path(tempfile.gettempdir()) / f"medmae-universal-{key}"
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        out = Path(tempfile.gettempdir()) / f"medmae-universal-{key}-{node_leader}"
+        if local_rank == 0:
             shutil.rmtree(out, ignore_errors=True)
             args = _UniversalArgs(input_folder=str(directory / tag), output_folder=str(out / tag))
             with contextlib.redirect_stdout(io.StringIO()) as captured, contextlib.redirect_stderr(captured):

@@ -19,8 +19,10 @@ Worker-group failures restart from the same place (``FailureConfig(max_failures)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -35,19 +37,23 @@ from medmae.distributed.deepspeed_config import resolve_backend
 from medmae.io import is_url
 
 __all__ = ["checkpoint_dir", "ensure_ray", "forwarded_env", "in_ray_worker", "latest_checkpoint_dir", "report",
-           "run_ray", "world_info"]
+           "resume_folder", "run_ray", "world_info"]
 
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Variables the launching shell sets for the workers: NCCL / libfabric (EFA) tuning, and medmae's own.
 FORWARDED_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "FI_", "MEDMAE_")
+# Where the object store is (an S3-compatible endpoint, its region), never who may use it: Ray shows a job's
+# environment in its dashboard, so credentials stay with each node (instance role, IRSA, the node's environment).
+FORWARDED_ENV_NAMES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 def forwarded_env() -> dict[str, str]:
-    """This process's ``NCCL_*``, ``TORCH_NCCL_*``, ``FI_*`` and ``MEDMAE_*`` variables, for the Ray workers: a
-    worker's environment is its raylet's, not the shell's that ran the launcher."""
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    """This process's ``NCCL_*``, ``TORCH_NCCL_*``, ``FI_*`` and ``MEDMAE_*`` variables and the object store's
+    endpoint and region (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ...), for the Ray workers: a worker's environment is
+    its raylet's, not the shell's that ran the launcher."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV_NAMES}
 
 
 def in_ray_worker() -> bool:
@@ -116,7 +122,8 @@ def latest_checkpoint_dir(run_dir: str | os.PathLike | None = None) -> Path | No
     """Checkpoint to resume from, as a local folder for ``Engine.load``; None to start from scratch.
 
     Under Ray: ``ray.train.get_checkpoint()`` (after a worker failure, or on a re-run of the same run name),
-    downloaded once per node when the storage is remote. Otherwise the highest complete ``run_dir/step-*``.
+    downloaded once per node when the storage is remote (:func:`resume_folder`). Otherwise the highest complete
+    ``run_dir/step-*``.
     """
     if in_ray_worker():
         import ray.train
@@ -128,11 +135,32 @@ def latest_checkpoint_dir(run_dir: str | os.PathLike | None = None) -> Path | No
 
         if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
             return Path(checkpoint.path)
-        return Path(checkpoint.to_directory())
+        return _download(checkpoint)
     if run_dir is None or not Path(run_dir).is_dir():
         return None
     done = [p for p in Path(run_dir).iterdir() if _step_of(p) >= 0 and _has_marker(p)]
     return max(done, key=_step_of) if done else None
+
+
+def resume_folder(run_path: str) -> Path:
+    """This node's folder for downloads of the remote checkpoints of the run stored at ``run_path``
+    (``<storage_path>/<run_name>`` as pyarrow names it, without the scheme)."""
+    return Path(tempfile.gettempdir()) / f"medmae-resume-{hashlib.sha1(run_path.encode()).hexdigest()[:12]}"
+
+
+def _download(checkpoint: Any) -> Path:
+    """A remote checkpoint in this node's temporary folder, downloaded once per node (Ray locks the target).
+
+    The run's folder keeps only the checkpoint being resumed: a long elastic run restarts many times and Ray's own
+    ``to_directory()`` would leave every download behind (1.5 GB each for a ViT-B MAE). Older downloads belong to
+    worker groups Ray has already stopped."""
+    run_path, name = posixpath.split(checkpoint.path.rstrip("/"))
+    target = resume_folder(run_path) / name
+    if target.parent.is_dir():
+        for old in target.parent.iterdir():
+            if old.is_dir() and old != target:
+                shutil.rmtree(old, ignore_errors=True)
+    return Path(checkpoint.to_directory(str(target)))
 
 
 def _has_marker(path: Path) -> bool:
@@ -217,7 +245,8 @@ def run_ray(train_fn: Callable[[dict], None], train_fn_config: dict[str, Any], c
         train_fn,
         train_loop_config=train_fn_config,
         torch_config=TorchConfig(backend=backend),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=cfg.resize_interval_s),
         run_config=RunConfig(
             name=run_name,
             storage_path=_storage_path(cfg.storage_path),

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
 from safetensors import safe_open
-from safetensors.torch import save
+from safetensors.torch import load, save
 from torch import nn
 
-from medmae.io import atomic_write_bytes
+from medmae.io import atomic_write_bytes, is_url
 from medmae.layers import interpolate_pos_embed
 
 ENCODER_PREFIX = "encoder."
@@ -40,18 +42,36 @@ def save_encoder(state: dict[str, torch.Tensor], encoder_config: dict[str, Any],
 
 
 def read_encoder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """-> (weights, encoder config) from an ``encoder.safetensors`` file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"pretrained encoder {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        weights = {k: f.get_tensor(k) for k in f.keys()}
+    """-> (weights, encoder config) from an ``encoder.safetensors`` file: a local path or an fsspec URL
+    (``s3://bucket/runs/pretrain/checkpoint_…/encoder.safetensors``; endpoint and credentials from the environment,
+    ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, …)."""
+    path = str(path)
+    if is_url(path):
+        try:
+            with fsspec.open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise ValueError(f"pretrained encoder {path} does not exist") from None
+        weights = load(data)
+        meta = _metadata(data)
+    else:
+        if not Path(path).is_file():
+            raise ValueError(f"pretrained encoder {path} does not exist")
+        with safe_open(path, framework="pt") as f:  # memory-mapped: nothing read twice
+            meta = f.metadata() or {}
+            weights = {k: f.get_tensor(k) for k in f.keys()}
     if "medmae_encoder_config" not in meta:
         raise ValueError(f"{path} has no medmae encoder config in its metadata; was it written by save_encoder?")
     config = json.loads(meta["medmae_encoder_config"])
     config.pop("grad_checkpointing", None)  # a runtime switch that files before 0.2 recorded as architecture
     return weights, config
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes (the safetensors package reads it only from files): the format is an
+    8-byte little-endian header length, then that many bytes of JSON."""
+    (size,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
 
 
 def _source_grid(weights: dict[str, torch.Tensor], source_cfg: dict[str, Any] | None, ndim: int) -> tuple[int, ...]:

@@ -51,6 +51,9 @@ class TrialResources:
     """CPUs reserved for the trial's driver function (it only waits on its TorchTrainer; the workers get theirs)"""
     driver_memory_mb: Annotated[int, Range(ge=1)] = 256
     """memory reserved for the trial's driver function (Tune needs a non-empty request per trial)"""
+    driver_on_head: bool = True
+    """run trial drivers (and so their Ray Train controllers) on the head node: a node that dies takes the trial
+    drivers on it along, failing their trials, while worker nodes come and go without stopping a trial"""
     max_failures: Annotated[int, Range(ge=-1)] = 1
     """worker-group failures a trial recovers from by restarting at its checkpoint (dist.max_failures; -1 = any)"""
 
@@ -87,7 +90,7 @@ class SweepConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     """fine-tuning config values applied to every trial, nested like the fine-tuning YAML (data: {path: ...})"""
     pretrained: str = ""
-    """encoder.safetensors used by the mae trials (finetune.pretrained)"""
+    """encoder.safetensors used by the mae trials (finetune.pretrained): a path or a URL (s3://...)"""
     grid: GridConfig = field(default_factory=GridConfig)
     resources: TrialResources = field(default_factory=TrialResources)
     max_concurrent_trials: Annotated[int, Range(ge=-1)] = 0

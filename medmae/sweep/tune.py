@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 FINISHED = ("done", "stopped")  # statuses a re-run does not repeat
 START_LOG = "trial_starts.jsonl"  # one line per time the sweep started this trial's driver function
+HEAD_RESOURCE = "node:__internal_head__"  # a resource only the head node has
 
 
 class ValidationToTune(TuneReportCallback):
@@ -154,10 +155,11 @@ def run_sweep(cfg: SweepConfig, ray_init_kwargs: dict[str, Any] | None = None) -
                     cfg.resources.workers, cfg.resources.cpus_per_worker)
         max_steps = max(j["train"]["max_steps"] for j in jobs.values())
         scheduler = EarlyStopping(cfg, max_steps, trials_dir) if cfg.asha.enabled else None
+        driver = {"cpu": cfg.resources.driver_cpus, "memory": cfg.resources.driver_memory_mb * 2**20}
+        if cfg.resources.driver_on_head:
+            driver[HEAD_RESOURCE] = 0.001  # Ray gives the head node 1 of this; 1000 trial drivers fit
         trainable = tune.with_resources(tune.with_parameters(run_trial, jobs={n: jobs[n] for n in todo},
-                                                             env=forwarded_env()),
-                                        {"cpu": cfg.resources.driver_cpus,
-                                         "memory": cfg.resources.driver_memory_mb * 2**20})
+                                                             env=forwarded_env()), driver)
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search(todo)},

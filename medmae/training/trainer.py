@@ -11,6 +11,7 @@ writes its generator states (CPU, CUDA, NumPy) into the checkpoint and restores 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -45,6 +46,7 @@ from medmae.training.rng import RankState, rank_seed, seed_everything
 logger = logging.getLogger(__name__)
 
 STEP_PREFIX = "step-"
+STARTS_FILE = "starts.jsonl"  # run directory: step resumed from, worker count and batch arithmetic of each start
 FAIL_AT_STEP_ENV = "MEDMAE_TEST_FAIL_AT_STEP"  # test hook, not a user setting: the last rank dies once at this step
 
 
@@ -93,6 +95,9 @@ class Trainer:
                                                                  "model_resolved": to_dict(self.model_cfg)})
             logger.info("run %s: %s", self.run_dir, self.derived.as_dict())
         self.resume()
+        if self.rank == 0:  # one line per (re)start: where an elastic run resized or restarted, at what batch split
+            with open(self.run_dir / STARTS_FILE, "a") as f:
+                f.write(json.dumps({"step": self.step, "time": time.time(), **self.derived.as_dict()}) + "\n")
 
     # ---- checkpoints ------------------------------------------------------------------------------------------------
     def client_state(self) -> dict[str, Any]:
