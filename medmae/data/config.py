@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
-from medmae.config import broadcast_size
+from medmae.config import Range, broadcast_size, check_ranges
 
 __all__ = ["DataConfig", "DatasetSource"]
 
@@ -16,14 +16,13 @@ class DatasetSource:
 
     path: str
     """Converted dataset (tools/to_wds.py OUTPUT): a folder or fsspec URL holding manifest.json."""
-    weight: float = 1.0
+    weight: Annotated[float, Range(gt=0)] = 1.0
     """Relative share of training volumes (and so of crops) drawn from this dataset."""
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if not self.path:
             raise ValueError("path: must name a converted dataset")
-        if not self.weight > 0:
-            raise ValueError(f"weight: must be > 0, got {self.weight}")
 
 
 @dataclass
@@ -39,11 +38,11 @@ class DataConfig:
     """Training crop path of ``build_train_stream``: resident = whole volumes held on the model's device, cropped
     and augmented there in batch; stream = per-crop CPU path in the loader workers; auto = resident (faster in
     every case bench/bench_data.py measures; see ``stream.resolve_loader``)."""
-    resident_gib: float = 0.0
+    resident_gib: Annotated[float, Range(ge=0)] = 0.0
     """resident: memory for the resident volumes per rank, GiB; 0 = 25% of the device's memory (CUDA) or 25% of
     the machine's RAM / local ranks (CPU). When all training volumes fit, every rank holds all of them and never
     refills; else it streams its share through the set, capped at what that share needs."""
-    resident_reuse: float = 64.0
+    resident_reuse: Annotated[float, Range(ge=1)] = 64.0
     """resident, streaming: mean crops taken from a volume while it is resident; the set swaps in batch/this
     volumes per batch, so the loader workers must decode (model crops/s)/this volumes per second."""
     format: Literal["wds", "zarr"] = "wds"
@@ -52,44 +51,45 @@ class DataConfig:
     """3 for volumes, 2 for x-rays; must match the dataset."""
     roi_size: tuple[int, ...] = (96, 96, 96)
     """Crop size in voxels, one entry per spatial dim (or one for all); volumes smaller than it are zero-padded."""
-    crops_per_volume: int = 4
+    crops_per_volume: Annotated[int, Range(ge=1)] = 4
     """Crops cut from each decoded (wds) or opened (zarr) volume before moving to the next."""
     crop: Literal["random", "pos_neg", "resized"] = "random"
     """random = uniform (pretraining), pos_neg = label-balanced (fine-tuning), resized = random resized crop (2D)."""
-    pos_fraction: float = 0.5
+    pos_fraction: Annotated[float, Range(ge=0, le=1)] = 0.5
     """pos_neg: probability that a crop is centred on a foreground voxel."""
-    resized_min_scale: float = 0.2
+    resized_min_scale: Annotated[float, Range(gt=0, le=1)] = 0.2
     """resized: smallest crop area as a fraction of the image area."""
-    shuffle_buffer: int = 16
+    shuffle_buffer: Annotated[int, Range(ge=1)] = 16
     """Encoded volumes held per worker for shuffling before decode; memory ~ this x stored volume size."""
-    crop_shuffle_buffer: int = 32
+    crop_shuffle_buffer: Annotated[int, Range(ge=1)] = 32
     """Crops held per worker so that a batch mixes volumes."""
-    num_workers: int = 2
+    num_workers: Annotated[int, Range(ge=0)] = 2
     """DataLoader worker processes per rank (0 = load in the training process)."""
-    prefetch_factor: int = 2
+    prefetch_factor: Annotated[int, Range(ge=1)] = 2
     """Batches each worker prepares ahead."""
-    samples_per_epoch: int = 1024
+    samples_per_epoch: Annotated[int, Range(ge=1)] = 1024
     """Crops per epoch over all ranks; one epoch is samples_per_epoch // (batch_size x world_size) batches per rank."""
-    train_fraction: float = 1.0
+    train_fraction: Annotated[float, Range(gt=0, le=1)] = 1.0
     """Fraction of training volumes used (label-efficiency runs); 1.0 = all."""
-    train_count: int | None = None
+    train_count: Annotated[int | None, Range(ge=1)] = None
     """Exact number of training volumes used; overrides train_fraction."""
     subset_seed: int = 0
     """Seed choosing the training subset, independent of the training seed."""
-    flip_prob: float = 0.1
+    flip_prob: Annotated[float, Range(ge=0, le=1)] = 0.1
     """Probability of a flip along each spatial axis."""
-    rot90_prob: float = 0.1
+    rot90_prob: Annotated[float, Range(ge=0, le=1)] = 0.1
     """Probability of a random 90-degree rotation in the plane of the first two spatial axes (square ROI only)."""
-    intensity_shift: float = 0.1
+    intensity_shift: Annotated[float, Range(ge=0)] = 0.1
     """Random intensity offset in [-x, x] (applied with intensity_prob); 0 disables."""
-    intensity_scale: float = 0.1
+    intensity_scale: Annotated[float, Range(ge=0, lt=1)] = 0.1
     """Random intensity factor 1 + [-x, x] (applied with intensity_prob); 0 disables."""
-    intensity_prob: float = 0.5
+    intensity_prob: Annotated[float, Range(ge=0, le=1)] = 0.5
     """Probability of each intensity augmentation."""
     storage_options: dict = field(default_factory=dict)
     """fsspec options for URL paths (credentials, endpoint), passed as is."""
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims: must be 2 or 3, got {self.spatial_dims}")
         self.roi_size = broadcast_size(self.roi_size, self.spatial_dims)  # 96 or [96]: a cube (square in 2D)
@@ -97,26 +97,6 @@ class DataConfig:
             raise ValueError(f"roi_size: expected {self.spatial_dims} positive sizes, got {self.roi_size}")
         if self.crop == "resized" and self.spatial_dims != 2:
             raise ValueError("crop: 'resized' is for 2D images (spatial_dims=2)")
-        for name in (
-            "crops_per_volume",
-            "shuffle_buffer",
-            "crop_shuffle_buffer",
-            "prefetch_factor",
-            "samples_per_epoch",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
-        for name in ("pos_fraction", "flip_prob", "rot90_prob", "intensity_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
-        if not 0.0 < self.resized_min_scale <= 1.0:
-            raise ValueError(f"resized_min_scale: must be in (0, 1], got {self.resized_min_scale}")
-        if not 0.0 < self.train_fraction <= 1.0:
-            raise ValueError(f"train_fraction: must be in (0, 1], got {self.train_fraction}")
-        if self.train_count is not None and self.train_count < 1:
-            raise ValueError(f"train_count: must be >= 1 or null, got {self.train_count}")
         if self.path and self.datasets:
             raise ValueError("datasets: set either path or datasets, not both")
         for i, d in enumerate(self.datasets):
@@ -124,11 +104,4 @@ class DataConfig:
                 raise ValueError(f"datasets[{i}]: expected a mapping with path and weight, got {d!r}")
         if len({d.path for d in self.datasets}) != len(self.datasets):
             raise ValueError("datasets: the same path is listed twice")
-        if self.resident_gib < 0:
-            raise ValueError(f"resident_gib: must be >= 0 (0 = automatic), got {self.resident_gib}")
-        if not self.resident_reuse >= 1:
-            raise ValueError(f"resident_reuse: must be >= 1, got {self.resident_reuse}")
-        if self.intensity_shift < 0:
-            raise ValueError(f"intensity_shift: must be >= 0, got {self.intensity_shift}")
-        if not 0 <= self.intensity_scale < 1:
-            raise ValueError(f"intensity_scale: must be in [0, 1), got {self.intensity_scale}")
+

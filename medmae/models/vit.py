@@ -10,13 +10,14 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from timm.layers import to_ntuple
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from medmae.config import Range, check_ranges
 from medmae.layers import Block, PatchEmbed, PosEmbed, PrefixTokens
 
 
@@ -24,21 +25,21 @@ from medmae.layers import Block, PatchEmbed, PosEmbed, PrefixTokens
 class ViTConfig:
     img_size: tuple[int, ...] = (96, 96, 96)
     """input spatial size; its length sets 2D or 3D (create_model and model.img_size also take one size: a cube)"""
-    patch_size: int = 16
+    patch_size: Annotated[int, Range(ge=1)] = 16
     """cubic/square patch edge in voxels"""
-    in_chans: int = 1
+    in_chans: Annotated[int, Range(ge=1)] = 1
     """input channels (CT 1, BraTS MRI 4, X-ray 1 or 3)"""
-    embed_dim: int = 768
+    embed_dim: Annotated[int, Range(ge=1)] = 768
     """token width"""
-    depth: int = 12
+    depth: Annotated[int, Range(ge=1)] = 12
     """number of transformer blocks"""
-    num_heads: int = 12
+    num_heads: Annotated[int, Range(ge=1)] = 12
     """attention heads per block"""
-    mlp_ratio: float = 4.0
+    mlp_ratio: Annotated[float, Range(gt=0)] = 4.0
     """MLP hidden width / embed_dim"""
     qkv_bias: bool = True
     """bias on the qkv projection"""
-    drop_path_rate: float = 0.0
+    drop_path_rate: Annotated[float, Range(ge=0, lt=1)] = 0.0
     """stochastic depth, linearly increasing to this value over the blocks"""
     pos_embed: Literal["sincos", "learned"] = "sincos"
     """fixed sin-cos (MAE) or learned position embeddings"""
@@ -46,6 +47,7 @@ class ViTConfig:
     """prepend a learnable cls token"""
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if isinstance(self.img_size, int) or len(self.img_size) == 1:
             # Only the registered flavour knows its dims: create_model / model.img_size broadcast one size.
             raise ValueError(f"img_size: one size ({self.img_size}) needs the model's spatial dims; give one per "
@@ -53,15 +55,10 @@ class ViTConfig:
         self.img_size = tuple(self.img_size)
         if len(self.img_size) not in (2, 3) or min(self.img_size) < 1:
             raise ValueError(f"img_size: expected 2 or 3 positive sizes, got {self.img_size}")
-        if self.patch_size <= 0 or any(s % self.patch_size for s in self.img_size):
+        if any(s % self.patch_size for s in self.img_size):
             raise ValueError(f"img_size: {self.img_size} is not divisible by patch_size {self.patch_size}")
-        for name in ("in_chans", "embed_dim", "depth", "num_heads"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim: {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate: must be in [0, 1), got {self.drop_path_rate}")
 
     @property
     def spatial_dims(self) -> int:
