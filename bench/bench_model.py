@@ -27,11 +27,20 @@ def monai_mae(cfg, device):
     from monai.networks.nets import MaskedAutoEncoderViT
 
     return MaskedAutoEncoderViT(
-        in_channels=cfg.in_chans, img_size=cfg.img_size, patch_size=cfg.patch_size, hidden_size=cfg.embed_dim,
-        mlp_dim=int(cfg.embed_dim * cfg.mlp_ratio), num_layers=cfg.depth, num_heads=cfg.num_heads,
-        masking_ratio=cfg.mask_ratio, decoder_hidden_size=cfg.decoder_embed_dim,
-        decoder_mlp_dim=int(cfg.decoder_embed_dim * cfg.mlp_ratio), decoder_num_layers=cfg.decoder_depth,
-        decoder_num_heads=cfg.decoder_num_heads, qkv_bias=cfg.qkv_bias, spatial_dims=len(cfg.img_size),
+        in_channels=cfg.in_chans,
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        hidden_size=cfg.embed_dim,
+        mlp_dim=int(cfg.embed_dim * cfg.mlp_ratio),
+        num_layers=cfg.depth,
+        num_heads=cfg.num_heads,
+        masking_ratio=cfg.mask_ratio,
+        decoder_hidden_size=cfg.decoder_embed_dim,
+        decoder_mlp_dim=int(cfg.decoder_embed_dim * cfg.mlp_ratio),
+        decoder_num_layers=cfg.decoder_depth,
+        decoder_num_heads=cfg.decoder_num_heads,
+        qkv_bias=cfg.qkv_bias,
+        spatial_dims=len(cfg.img_size),
     ).to(device)
 
 
@@ -118,28 +127,44 @@ def run(device, dtype, args):
     cfg = ours.cfg
     x = torch.randn(args.batch, cfg.in_chans, *cfg.img_size, device=device)
     label = f"{device.type} {str(dtype).replace('torch.', '')}"
-    print(f"\n== {label}: MAE ViT {cfg.embed_dim}d×{cfg.depth}, decoder {cfg.decoder_embed_dim}d×{cfg.decoder_depth}, "
-          f"{cfg.img_size}, batch {args.batch}, mask {cfg.mask_ratio}")
+    print(
+        f"\n== {label}: MAE ViT {cfg.embed_dim}d×{cfg.depth}, decoder {cfg.decoder_embed_dim}d×{cfg.decoder_depth}, "
+        f"{cfg.img_size}, batch {args.batch}, mask {cfg.mask_ratio}"
+    )
     res = {"ours": measure("medmae", ours, lambda v: ours(v)[0], x, device, dtype, args.steps, args.warmup)}
     ours.set_grad_checkpointing(True)
-    res["ckpt"] = measure("medmae + grad checkpointing", ours, lambda v: ours(v)[0], x, device, dtype, args.steps,
-                          args.warmup)
+    res["ckpt"] = measure(
+        "medmae + grad checkpointing", ours, lambda v: ours(v)[0], x, device, dtype, args.steps, args.warmup
+    )
     ours.set_grad_checkpointing(False)
     if dtype == torch.bfloat16:  # DeepSpeed's bf16 mode: bf16 weights, no per-forward autocast casts
         half = create_model("mae_vit_base_patch16_3d", **kw).to(device, dtype)
-        res["bf16_weights"] = measure("medmae, bf16 weights (DeepSpeed bf16)", half, lambda v: half(v)[0],
-                                      x.to(dtype), device, torch.float32, args.steps, args.warmup)
+        res["bf16_weights"] = measure(
+            "medmae, bf16 weights (DeepSpeed bf16)",
+            half,
+            lambda v: half(v)[0],
+            x.to(dtype),
+            device,
+            torch.float32,
+            args.steps,
+            args.warmup,
+        )
         del half
     torch.manual_seed(0)
     ref = monai_mae(cfg, device)
-    res["monai"] = measure("MONAI MaskedAutoEncoderViT", ref, lambda v: monai_loss(ref, v, ours), x, device, dtype,
-                           args.steps, args.warmup)
+    res["monai"] = measure(
+        "MONAI MaskedAutoEncoderViT", ref, lambda v: monai_loss(ref, v, ours), x, device, dtype, args.steps, args.warmup
+    )
     if res["ours"] and res["monai"]:
-        print(f"  speed vs MONAI: {res['monai'][0] / res['ours'][0]:.2f}x  "
-              f"(activation memory {res['ours'][1] / res['monai'][1]:.2f}x of MONAI's)")
+        print(
+            f"  speed vs MONAI: {res['monai'][0] / res['ours'][0]:.2f}x  "
+            f"(activation memory {res['ours'][1] / res['monai'][1]:.2f}x of MONAI's)"
+        )
     if res["ours"] and res["ckpt"]:
-        print(f"  checkpointing: {res['ckpt'][1] / res['ours'][1]:.2f}x activation memory at "
-              f"{res['ckpt'][0] / res['ours'][0]:.2f}x time")
+        print(
+            f"  checkpointing: {res['ckpt'][1] / res['ours'][1]:.2f}x activation memory at "
+            f"{res['ckpt'][0] / res['ours'][0]:.2f}x time"
+        )
     if device.type == "cuda" and res["ours"]:
         from medmae.training.logs import peak_flops
 

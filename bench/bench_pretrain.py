@@ -31,22 +31,43 @@ def run(workers: int, args, data: Path, out: Path, stage: int) -> dict:
     from medmae.distributed import run_ray
     from medmae.training.trainer import train_worker
 
-    cfg = load_config(JobConfig, None, [
-        f"model.name={args.model}", f"model.img_size=[{args.size},{args.size},{args.size}]",
-        f"data.path={data}", f"data.roi_size=[{args.size},{args.size},{args.size}]", "data.num_workers=1",
-        f"data.samples_per_epoch={args.steps * args.batch * workers}", "data.crops_per_volume=4",
-        f"train.max_steps={args.steps}", f"train.micro_batch={args.batch}", "run.log_every=1", "run.image_every=0",
-        f"run.checkpoint_every={args.steps}", f"run.output_dir={out}", f"run.name=w{workers}-z{stage}",
-        f"dist.storage_path={out / 'ray'}", f"dist.num_workers={workers}", f"dist.zero_stage={stage}",
-        f"dist.precision={args.precision}", f"dist.use_gpu={'yes' if args.gpu else 'no'}",
-    ])
+    cfg = load_config(
+        JobConfig,
+        None,
+        [
+            f"model.name={args.model}",
+            f"model.img_size=[{args.size},{args.size},{args.size}]",
+            f"data.path={data}",
+            f"data.roi_size=[{args.size},{args.size},{args.size}]",
+            "data.num_workers=1",
+            f"data.samples_per_epoch={args.steps * args.batch * workers}",
+            "data.crops_per_volume=4",
+            f"train.max_steps={args.steps}",
+            f"train.micro_batch={args.batch}",
+            "run.log_every=1",
+            "run.image_every=0",
+            f"run.checkpoint_every={args.steps}",
+            f"run.output_dir={out}",
+            f"run.name=w{workers}-z{stage}",
+            f"dist.storage_path={out / 'ray'}",
+            f"dist.num_workers={workers}",
+            f"dist.zero_stage={stage}",
+            f"dist.precision={args.precision}",
+            f"dist.use_gpu={'yes' if args.gpu else 'no'}",
+        ],
+    )
     run_ray(train_worker, {"config": to_dict(cfg)}, cfg.dist, run_name=cfg.run.name)
     lines = [json.loads(x) for x in (out / cfg.run.name / "metrics.jsonl").read_text().splitlines()]
-    timed = lines[args.skip:]
+    timed = lines[args.skip :]
     step = statistics.median(m["train/step_time_s"] for m in timed)
     mfu = [m["train/mfu"] for m in timed if "train/mfu" in m]
-    return {"workers": workers, "stage": stage, "step_s": step, "volumes_s": args.batch * workers / step,
-            "mfu": statistics.median(mfu) if mfu else None}
+    return {
+        "workers": workers,
+        "stage": stage,
+        "step_s": step,
+        "volumes_s": args.batch * workers / step,
+        "mfu": statistics.median(mfu) if mfu else None,
+    }
 
 
 def main() -> None:

@@ -86,11 +86,15 @@ def section_env(args, device):
         out.update(
             device=torch.cuda.get_device_name(device),
             capability=".".join(map(str, torch.cuda.get_device_capability())),
-            memory_gib=round(props.total_memory / 2**30, 1), multiprocessors=props.multi_processor_count,
-            cuda=torch.version.cuda, nccl=".".join(map(str, torch.cuda.nccl.version())),
+            memory_gib=round(props.total_memory / 2**30, 1),
+            multiprocessors=props.multi_processor_count,
+            cuda=torch.version.cuda,
+            nccl=".".join(map(str, torch.cuda.nccl.version())),
             bf16_native=torch.cuda.is_bf16_supported(including_emulation=False),
-            sdp_enabled={k: getattr(torch.backends.cuda, f"{k}_sdp_enabled")() for k in ("flash", "mem_efficient",
-                                                                                       "math", "cudnn")},
+            sdp_enabled={
+                k: getattr(torch.backends.cuda, f"{k}_sdp_enabled")()
+                for k in ("flash", "mem_efficient", "math", "cudnn")
+            },
         )
     for mod in ("deepspeed", "monai", "timm", "webdataset", "zarr"):
         try:
@@ -119,11 +123,23 @@ def _sdpa_kernels(shape, dtype, device):
         attn(x).sum().backward()
         torch.cuda.synchronize()
     names = [e.key for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    hits = [k for k in names if any(s in k.lower() for s in ("flash", "fmha", "efficient_attention", "cudnn", "sdpa",
-                                                                "attention", "softmax"))]
+    hits = [
+        k
+        for k in names
+        if any(
+            s in k.lower() for s in ("flash", "fmha", "efficient_attention", "cudnn", "sdpa", "attention", "softmax")
+        )
+    ]
     low = " ".join(hits).lower()
-    kind = ("flash" if "flash" in low else "cudnn" if "cudnn" in low else
-            "mem_efficient" if ("fmha" in low or "efficient" in low) else "math")
+    kind = (
+        "flash"
+        if "flash" in low
+        else "cudnn"
+        if "cudnn" in low
+        else "mem_efficient"
+        if ("fmha" in low or "efficient" in low)
+        else "math"
+    )
     return {"kernel": kind, "kernels": sorted(set(h[:120] for h in hits))[:6]}
 
 
@@ -141,8 +157,9 @@ def _step(model, x, autocast_dtype, loss_fn=None):
     """One training step of ``model`` on ``x`` (loss: MAE's own unless ``loss_fn``) with fused AdamW."""
     loss_fn = loss_fn or (lambda v: model(v)[0])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
-    ctx = (torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None
-           else contextlib.nullcontext())
+    ctx = (
+        torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    )
 
     def step():
         with ctx:
@@ -177,8 +194,7 @@ def section_model(args, device):
         meta = train_flops_per_sample("mae_vit_base_patch16_3d", cfg) * b  # what the trainer's MFU uses
         row = {"batch": b, "flops_per_sample_G": flops / b / 1e9, "meta_count_over_device_count": meta / flops}
         half = create_model("mae_vit_base_patch16_3d", **model_kwargs(args)).to(device, bf16)
-        row["ours_bf16_weights_s"] = timed(_step(half, x.to(bf16), None), args.steps,
-                                           args.warmup, device)
+        row["ours_bf16_weights_s"] = timed(_step(half, x.to(bf16), None), args.steps, args.warmup, device)
         del half
         row["ours_autocast_s"] = timed(_step(ours, x, bf16), args.steps, args.warmup, device)
         ours.set_grad_checkpointing(True)
@@ -197,8 +213,7 @@ def section_model(args, device):
             except Exception as e:  # noqa: BLE001 - MONAI's MAE fails under bf16 autocast (index_put dtypes)
                 row["monai_autocast_s"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
             ref = ref.to(bf16)  # bf16 weights, no autocast: what DeepSpeed's bf16 mode runs, and MONAI's MAE allows
-            row["monai_bf16_weights_s"] = timed(_step(ref, x.to(bf16), None, ref_loss), args.steps, args.warmup,
-                                                device)
+            row["monai_bf16_weights_s"] = timed(_step(ref, x.to(bf16), None, ref_loss), args.steps, args.warmup, device)
             row["speed_vs_monai_bf16_weights"] = row["monai_bf16_weights_s"] / row["ours_bf16_weights_s"]
             del ref
         except Exception as e:  # noqa: BLE001
@@ -239,8 +254,14 @@ def engine_step(args, device, b: int, stage: int = 2, timers: bool = False):
         torch.manual_seed(0)
         model = create_model("mae_vit_base_patch16_3d", **model_kwargs(args))
         cfg = DistributedConfig(num_workers=1, zero_stage=stage, precision="bf16" if device.type == "cuda" else "auto")
-        eng = create_engine(model, build_optimizer(model, OptimConfig(), 1e-4, device.type), cfg, micro_batch=b,
-                            grad_accum=1, grad_clip=1.0)
+        eng = create_engine(
+            model,
+            build_optimizer(model, OptimConfig(), 1e-4, device.type),
+            cfg,
+            micro_batch=b,
+            grad_accum=1,
+            grad_clip=1.0,
+        )
     finally:
         engine_mod.build_deepspeed_config = build
     x = torch.randn(b, 1, *model.cfg.img_size, device=device, dtype=eng.dtype)
@@ -272,8 +293,13 @@ def section_engine(args, device):
     b = args.batch[-1]
     ours = _engine_run(args, device, b, timers=False)
     old = _engine_run(args, device, b, timers=True)
-    return {"batch": b, "zero": 2, "ours": ours, "with_throughput_timer": old,
-            "timer_cost": old["step_s"] / ours["step_s"]}
+    return {
+        "batch": b,
+        "zero": 2,
+        "ours": ours,
+        "with_throughput_timer": old,
+        "timer_cost": old["step_s"] / ours["step_s"],
+    }
 
 
 def _profile_steps(step, device, n: int = 3) -> dict:
@@ -297,12 +323,15 @@ def _profile_steps(step, device, n: int = 3) -> dict:
     busy = sum(self_device(e) for e in gpu) / n / 1e6
     cpu = sorted((e for e in events if e.device_type.name == "CPU"), key=lambda e: e.self_cpu_time_total, reverse=True)
     return {
-        "wall_ms": wall * 1e3, "gpu_busy_ms": busy * 1e3, "gpu_busy_fraction": busy / wall,
+        "wall_ms": wall * 1e3,
+        "gpu_busy_ms": busy * 1e3,
+        "gpu_busy_fraction": busy / wall,
         "kernels_per_step": sum(e.count for e in gpu) / n,
         "syncs_per_step": sum(e.count for e in events if "Synchronize" in e.key) / n,
         "top_host_ops_ms": {e.key[:60]: round(e.self_cpu_time_total / n / 1e3, 2) for e in cpu[:10]},
-        "top_kernels_ms": {e.key[:60]: round(self_device(e) / n / 1e3, 2)
-                           for e in sorted(gpu, key=self_device, reverse=True)[:6]},
+        "top_kernels_ms": {
+            e.key[:60]: round(self_device(e) / n / 1e3, 2) for e in sorted(gpu, key=self_device, reverse=True)[:6]
+        },
     }
 
 
@@ -355,8 +384,12 @@ def section_pinned(args, device):
         torch.cuda.synchronize()
         t_total = time.perf_counter() - t0
         del y
-        out[name] = {"call_ms": t_call * 1e3, "copy_ms": t_total * 1e3, "gb_per_s": out["bytes"] / t_total / 1e9,
-                     "overlaps": t_call < 0.25 * t_total}
+        out[name] = {
+            "call_ms": t_call * 1e3,
+            "copy_ms": t_total * 1e3,
+            "gb_per_s": out["bytes"] / t_total / 1e9,
+            "overlaps": t_call < 0.25 * t_total,
+        }
     return out
 
 
@@ -382,15 +415,27 @@ def section_train(args, device):
         shape = (48, 48, 48) if args.tiny else (160, 160, 128)
         datalist = write_phantom_dataset(root / "raw", n=4 if args.tiny else 12, shape=shape, seed=0)
         t0 = time.perf_counter()
-        convert(datalist, root / "wds", ConvertOptions(format="wds", preset="ct", workers=min(8, os.cpu_count() or 1),
-                                                       shard_size_mb=64), progress=False)
+        convert(
+            datalist,
+            root / "wds",
+            ConvertOptions(format="wds", preset="ct", workers=min(8, os.cpu_count() or 1), shard_size_mb=64),
+            progress=False,
+        )
         convert_s = time.perf_counter() - t0
         micro = 2 if args.tiny else args.batch[-1] // 2
         overrides = [
-            f"data.path={root / 'wds'}", f"run.output_dir={root / 'runs'}", "run.name=gpu_check",
-            f"train.max_steps={args.train_steps}", f"train.micro_batch={micro}", "run.log_every=10",
-            "run.image_every=0", "run.checkpoint_every=100000", "dist.num_workers=1", "dist.zero_stage=2",
-            f"data.num_workers={2 if args.tiny else 8}", f"data.samples_per_epoch={micro * 1000}",
+            f"data.path={root / 'wds'}",
+            f"run.output_dir={root / 'runs'}",
+            "run.name=gpu_check",
+            f"train.max_steps={args.train_steps}",
+            f"train.micro_batch={micro}",
+            "run.log_every=10",
+            "run.image_every=0",
+            "run.checkpoint_every=100000",
+            "dist.num_workers=1",
+            "dist.zero_stage=2",
+            f"data.num_workers={2 if args.tiny else 8}",
+            f"data.samples_per_epoch={micro * 1000}",
         ]
         if not args.tiny:
             overrides += ["model.name=mae_vit_base_patch16_3d", "data.roi_size=[96,96,96]", "dist.precision=bf16"]
@@ -402,8 +447,15 @@ def section_train(args, device):
         lines = [x for x in lines if "train/loss" in x]
         data = lines[-1:]
         steady = [x for x in lines if x["step"] > 10 and "train/volumes_per_s" in x] or lines[-1:]
-        out = {"model": cfg.model["name"], "micro_batch": micro, "steps": args.train_steps, "wall_s": wall,
-               "convert_s": convert_s, "loss_first": lines[0]["train/loss"], "loss_last": lines[-1]["train/loss"]}
+        out = {
+            "model": cfg.model["name"],
+            "micro_batch": micro,
+            "steps": args.train_steps,
+            "wall_s": wall,
+            "convert_s": convert_s,
+            "loss_first": lines[0]["train/loss"],
+            "loss_last": lines[-1]["train/loss"],
+        }
         if data:
             out["data"] = {k: v for k, v in data[-1].items() if k.startswith("data/")}
         for key in ("volumes_per_s", "step_time_s", "mfu", "memory_gib"):
@@ -435,8 +487,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"), help="folder for gpu_check.json")
     ap.add_argument("--cpu", action="store_true", help="smoke run on the CPU with tiny sizes")
-    ap.add_argument("--sections", default=",".join(s for s in SECTIONS if s != "compile"),
-                    help=f"comma list of {', '.join(SECTIONS)} (default: all but compile, measured slower: 0.79x)")
+    ap.add_argument(
+        "--sections",
+        default=",".join(s for s in SECTIONS if s != "compile"),
+        help=f"comma list of {', '.join(SECTIONS)} (default: all but compile, measured slower: 0.79x)",
+    )
     ap.add_argument("--batch", type=int, nargs="+", default=[2, 32, 128], help="per-GPU batch sizes to time")
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--steps", type=int, default=10)

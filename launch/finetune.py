@@ -30,28 +30,40 @@ def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--pretrained", help="encoder.safetensors from launch/pretrain.py (same as finetune.pretrained=)")
     ap.add_argument("--ray", action="store_true", help="run dist.num_workers Ray Train workers (local Ray or cluster)")
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                    help="set by the deepspeed launcher (the rank also comes from LOCAL_RANK)")
+    ap.add_argument(
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        default=None,
+        help="set by the deepspeed launcher (the rank also comes from LOCAL_RANK)",
+    )
     args = ap.parse_args()
     if args.pretrained:
         args.overrides.append(f"finetune.pretrained={args.pretrained}")
     cfg = absolute_paths(load_job(args))
     if cfg.task == "pretrain":
-        raise SystemExit("config error: task: launch/finetune.py fine-tunes (segment or classify); "
-                         "pretraining runs through launch/pretrain.py")
+        raise SystemExit(
+            "config error: task: launch/finetune.py fine-tunes (segment or classify); "
+            "pretraining runs through launch/pretrain.py"
+        )
     if args.ray:
         from medmae.distributed import run_ray
 
-        run_ray(train_worker, {"config": to_dict(cfg)}, cfg.dist, run_name=cfg.run.name,
-                keep_checkpoints=cfg.run.keep_last)
+        run_ray(
+            train_worker, {"config": to_dict(cfg)}, cfg.dist, run_name=cfg.run.name, keep_checkpoints=cfg.run.keep_last
+        )
     else:
         trainer = Trainer(cfg)
         trainer.train()
         if trainer.rank != 0:
             return
     best = json.loads((run_dir_of(cfg) / "results.json").read_text())["best"]
-    print(json.dumps({"run_dir": str(run_dir_of(cfg)), "best_step": best and best["step"],
-                      "best_score": best and best["score"]}))
+    print(
+        json.dumps(
+            {"run_dir": str(run_dir_of(cfg)), "best_step": best and best["step"], "best_score": best and best["score"]}
+        )
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -46,22 +46,31 @@ def check_job_paths(cfg: JobConfig) -> None:
     """A job's relative paths resolve in its uploaded copy: say so for a missing data path and for outputs."""
     if not in_job_working_dir():
         return
-    paths = {"data.path": cfg.data.path, "run.output_dir": cfg.run.output_dir,
-             "dist.storage_path": cfg.dist.storage_path}
+    paths = {
+        "data.path": cfg.data.path,
+        "run.output_dir": cfg.run.output_dir,
+        "dist.storage_path": cfg.dist.storage_path,
+    }
     for key, path in paths.items():
         if not path or is_url(path) or Path(path).expanduser().is_absolute():
             continue
         if key != "data.path":
-            log.warning("%s: %r is relative, so this Ray job writes into its uploaded copy of the working "
-                        "directory (%s), which Ray deletes when it cleans up; give an absolute path or a URL to keep "
-                        "the results", key, path, Path.cwd() / path)
+            log.warning(
+                "%s: %r is relative, so this Ray job writes into its uploaded copy of the working "
+                "directory (%s), which Ray deletes when it cleans up; give an absolute path or a URL to keep "
+                "the results",
+                key,
+                path,
+                Path.cwd() / path,
+            )
         elif not Path(path).exists():
             raise SystemExit(
                 f"config error: data.path: {path!r} is relative, so this Ray job looks for it in its uploaded copy "
                 f"of the working directory ({Path.cwd()}), and it is not there: `ray job submit --working-dir` "
                 "uploads neither what .gitignore hides nor more than 100 MiB. Give data.path as an absolute path "
                 "that the cluster's machines can read (with the Ray head on this machine: "
-                f"data.path=$PWD/{path}) or as a URL (s3://...).")
+                f"data.path=$PWD/{path}) or as a URL (s3://...)."
+            )
 
 
 def _tool(name: str) -> str:
@@ -106,16 +115,19 @@ def next_steps(cfg: JobConfig, config_path: str | None, metrics: dict | None) ->
     image = _sample_image(cfg)
     output = f"{ft_run}/predictions.csv" if task == "classify" else f"{ft_run}/predictions/{Path(image).name}"
     python = _tool("python")
-    return "\n".join([
-        f"pretraining done at step {metrics['step']}, loss {metrics['loss']:.4g}" if "loss" in metrics else
-        "pretraining done",
-        f"run directory: {run_dir}",
-        f"encoder: {encoder}",
-        "next:",
-        f"  curves     {_tool('tensorboard')} --logdir {run_dir / 'tensorboard'}",
-        f"  fine-tune  {python} launch/finetune.py --config {ft_config} --pretrained {encoder}",
-        f"  predict    {python} tools/predict.py --checkpoint {ft_run} {image} {output}",
-    ])
+    return "\n".join(
+        [
+            f"pretraining done at step {metrics['step']}, loss {metrics['loss']:.4g}"
+            if "loss" in metrics
+            else "pretraining done",
+            f"run directory: {run_dir}",
+            f"encoder: {encoder}",
+            "next:",
+            f"  curves     {_tool('tensorboard')} --logdir {run_dir / 'tensorboard'}",
+            f"  fine-tune  {python} launch/finetune.py --config {ft_config} --pretrained {encoder}",
+            f"  predict    {python} tools/predict.py --checkpoint {ft_run} {image} {output}",
+        ]
+    )
 
 
 def main() -> None:
@@ -127,8 +139,9 @@ def main() -> None:
     check_job_paths(cfg)
     cfg = absolute_paths(cfg)
     quiet_ray_console()
-    result = run_ray(train_worker, {"config": to_dict(cfg)}, cfg.dist, run_name=cfg.run.name,
-                     keep_checkpoints=cfg.run.keep_last)
+    result = run_ray(
+        train_worker, {"config": to_dict(cfg)}, cfg.dist, run_name=cfg.run.name, keep_checkpoints=cfg.run.keep_last
+    )
     print(next_steps(cfg, args.config, result.metrics), flush=True)
 
 

@@ -25,8 +25,11 @@ from medmae.training.logs import setup_logging  # noqa: E402
 
 def main() -> None:
     keys = ", ".join(field_docs(SweepConfig))
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=f"sweep keys: {keys}; see medmae/sweep/config.py")
+    ap = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"sweep keys: {keys}; see medmae/sweep/config.py",
+    )
     ap.add_argument("--config", help="sweep YAML (values that differ from SweepConfig's defaults)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. grid.seeds=[0,1]")
     args = ap.parse_args()

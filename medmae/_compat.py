@@ -23,6 +23,7 @@ def patch_torchvision_ops() -> None:
         return
     try:
         import torchvision  # noqa: F401 - the import itself is the probe
+
         return
     except ImportError:
         return  # not installed: nothing imports it

@@ -48,8 +48,12 @@ class Range:
     lt: float | None = None
 
     def holds(self, x: float) -> bool:
-        return ((self.ge is None or x >= self.ge) and (self.gt is None or x > self.gt)
-                and (self.le is None or x <= self.le) and (self.lt is None or x < self.lt))
+        return (
+            (self.ge is None or x >= self.ge)
+            and (self.gt is None or x > self.gt)
+            and (self.le is None or x <= self.le)
+            and (self.lt is None or x < self.lt)
+        )
 
     def __str__(self) -> str:
         low = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
@@ -64,8 +68,12 @@ class Range:
 @functools.cache
 def _ranges(cls: type) -> tuple[tuple[str, Range], ...]:
     hints = get_type_hints(cls, include_extras=True)
-    return tuple((f.name, m) for f in dataclasses.fields(cls) for m in getattr(hints[f.name], "__metadata__", ())
-                 if isinstance(m, Range))
+    return tuple(
+        (f.name, m)
+        for f in dataclasses.fields(cls)
+        for m in getattr(hints[f.name], "__metadata__", ())
+        if isinstance(m, Range)
+    )
 
 
 def check_ranges(cfg: Any) -> None:
@@ -186,8 +194,10 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     names = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ValueError(f"unknown config key '{prefix}{unknown[0]}'; valid keys under "
-                         f"'{prefix.rstrip('.') or '<top>'}': {', '.join(names)}")
+        raise ValueError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys under "
+            f"'{prefix.rstrip('.') or '<top>'}': {', '.join(names)}"
+        )
     kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)

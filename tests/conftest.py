@@ -24,8 +24,9 @@ def ray_session(request):
     # The Train controller polls workers every 2 s by default and a report waits for it; tests poll faster.
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
     temp = f"/tmp/r{request.module.__name__[-6:]}_{os.getpid()}"  # socket paths must stay short
-    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False, _temp_dir=temp,
-             log_to_driver=False)
+    ray.init(
+        num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False, _temp_dir=temp, log_to_driver=False
+    )
     yield
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
@@ -149,10 +150,17 @@ def _fast_autoscaling_coordinator(ray, head_id: str) -> None:
     class FastTick(_AutoscalingCoordinatorActor):
         TICK_INTERVAL_S = 1
 
-    actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(FastTick).options(
-        name="AutoscalingCoordinator", namespace="AutoscalingCoordinator", lifetime="detached", get_if_exists=True,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(head_id, soft=False),
-    ).remote()
+    actor = (
+        ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(FastTick)
+        .options(
+            name="AutoscalingCoordinator",
+            namespace="AutoscalingCoordinator",
+            lifetime="detached",
+            get_if_exists=True,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(head_id, soft=False),
+        )
+        .remote()
+    )
     ray.get(actor.get_reserved_resources.remote("medmae-tests"))
 
 
@@ -176,12 +184,22 @@ def _ray_cluster_module(s3_server):
         env.setenv("RAY_USAGE_STATS_ENABLED", "0")
         env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")  # the controller polls workers (2 s by default)
         env.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "5")  # a group planned on a node just lost retries
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "object_store_memory": 80 * 2**20, "include_dashboard": False, "temp_dir": f"{temp}/ray",
-            # A killed raylet is declared dead after ~1.5 s instead of ~15 s (3 s period x 5 misses).
-            "_system_config": {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 500,
-                               "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3},
-        })
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 0,
+                "object_store_memory": 80 * 2**20,
+                "include_dashboard": False,
+                "temp_dir": f"{temp}/ray",
+                # A killed raylet is declared dead after ~1.5 s instead of ~15 s (3 s period x 5 misses).
+                "_system_config": {
+                    "health_check_initial_delay_ms": 1000,
+                    "health_check_period_ms": 500,
+                    "health_check_timeout_ms": 1000,
+                    "health_check_failure_threshold": 3,
+                },
+            },
+        )
         try:
             ray.init(address=cluster.address, log_to_driver=False)
             _fast_autoscaling_coordinator(ray, ray.get_runtime_context().get_node_id())

@@ -79,10 +79,14 @@ def test_parse_overrides_nests_and_parses_yaml_values():
 def test_elastic_ranges_must_keep_the_global_batch_at_every_worker_count():
     # Ray Train may start any count in [min_workers, num_workers]: 16 crops cannot be split over 3 workers
     with pytest.raises(ValueError, match=r"train\.global_batch: 16 cannot be split over 3 workers"):
-        load_config(JobConfig, None, ["dist.num_workers=4", "dist.min_workers=2", "train.micro_batch=2",
-                                      "train.global_batch=16"])
-    cfg = load_config(JobConfig, None, ["dist.num_workers=4", "dist.min_workers=2", "train.micro_batch=2",
-                                        "train.global_batch=24"])
+        load_config(
+            JobConfig,
+            None,
+            ["dist.num_workers=4", "dist.min_workers=2", "train.micro_batch=2", "train.global_batch=16"],
+        )
+    cfg = load_config(
+        JobConfig, None, ["dist.num_workers=4", "dist.min_workers=2", "train.micro_batch=2", "train.global_batch=24"]
+    )
     # every size keeps 24 samples per step and the same lr; 3 workers take micro-batch 2 × 4 accumulation steps
     plans = {n: derive(cfg, n) for n in (2, 3, 4)}
     assert {d.global_batch for d in plans.values()} == {24} and len({d.lr for d in plans.values()}) == 1

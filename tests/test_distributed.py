@@ -29,18 +29,21 @@ def test_config_from_dict_defaults_and_values():
     assert cfg.elastic and not DistributedConfig().elastic
 
 
-@pytest.mark.parametrize(("data", "field"), [
-    ({"num_workers": 0}, "num_workers"),
-    ({"num_workers": 2, "min_workers": 3}, "min_workers"),
-    ({"zero_stage": 4}, "zero_stage"),
-    ({"cpus_per_worker": 0.0}, "cpus_per_worker"),
-    ({"max_failures": -2}, "max_failures"),
-    ({"offload_optimizer": True, "zero_stage": 0}, "offload_optimizer"),
-    ({"precision": "fp8"}, "precision"),
-    ({"backend": "mpi"}, "backend"),
-    ({"storage_path": ""}, "storage_path"),
-    ({"resize_interval_s": 0}, "resize_interval_s"),
-])
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"num_workers": 0}, "num_workers"),
+        ({"num_workers": 2, "min_workers": 3}, "min_workers"),
+        ({"zero_stage": 4}, "zero_stage"),
+        ({"cpus_per_worker": 0.0}, "cpus_per_worker"),
+        ({"max_failures": -2}, "max_failures"),
+        ({"offload_optimizer": True, "zero_stage": 0}, "offload_optimizer"),
+        ({"precision": "fp8"}, "precision"),
+        ({"backend": "mpi"}, "backend"),
+        ({"storage_path": ""}, "storage_path"),
+        ({"resize_interval_s": 0}, "resize_interval_s"),
+    ],
+)
 def test_config_rejects_bad_values_naming_the_field(data, field):
     with pytest.raises(ValueError, match=field):
         from_dict(DistributedConfig, data)
@@ -81,8 +84,14 @@ def test_deepspeed_config_batch_identity_and_sections(stage):
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_config_syncs_less_and_reduces_in_fp32(stage):
-    ds = build_deepspeed_config(DistributedConfig(zero_stage=stage, precision="bf16"), micro_batch=2, grad_accum=2,
-                                world_size=4, grad_clip=1.0, device_type="cuda")
+    ds = build_deepspeed_config(
+        DistributedConfig(zero_stage=stage, precision="bf16"),
+        micro_batch=2,
+        grad_accum=2,
+        world_size=4,
+        grad_clip=1.0,
+        device_type="cuda",
+    )
     # no synchronised throughput timer around every micro-step (we time steps ourselves)
     assert ds["timers"] == {"throughput": {"enabled": False}} and ds["wall_clock_breakdown"] is False
     assert ds["communication_data_type"] == "fp32"
@@ -97,8 +106,14 @@ def test_deepspeed_config_syncs_less_and_reduces_in_fp32(stage):
 def test_deepspeed_config_refusals():
     cfg = DistributedConfig()
     with pytest.raises(ValueError, match="fp16 needs a CUDA"):
-        build_deepspeed_config(DistributedConfig(precision="fp16"), micro_batch=1, grad_accum=1, world_size=1,
-                               grad_clip=0.0, device_type="cpu")
+        build_deepspeed_config(
+            DistributedConfig(precision="fp16"),
+            micro_batch=1,
+            grad_accum=1,
+            world_size=1,
+            grad_clip=0.0,
+            device_type="cpu",
+        )
     with pytest.raises(ValueError, match="micro_batch"):
         build_deepspeed_config(cfg, micro_batch=0, grad_accum=1, world_size=1, grad_clip=0.0, device_type="cpu")
     with pytest.raises(ValueError, match="grad_accum"):
@@ -151,15 +166,20 @@ def test_single_process_engine_trains_saves_and_loads(tmp_path, monkeypatch, sta
         monkeypatch.delenv(var, raising=False)
     torch.manual_seed(0)
     model = TinyNet()
-    engine = create_engine(model, torch.optim.AdamW(model.parameters(), lr=3e-2),
-                           DistributedConfig(zero_stage=stage, precision="fp32"), micro_batch=4, grad_accum=2,
-                           grad_clip=1.0)
+    engine = create_engine(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=3e-2),
+        DistributedConfig(zero_stage=stage, precision="fp32"),
+        micro_batch=4,
+        grad_accum=2,
+        grad_clip=1.0,
+    )
     assert (engine.rank, engine.world_size, engine.device.type) == (0, 1, "cpu")
     x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
     y = x.sum(1, keepdim=True)
     losses, boundaries = [], []
     for i in range(48):
-        loss = engine(x[(i % 8) * 4:(i % 8) * 4 + 4], y[(i % 8) * 4:(i % 8) * 4 + 4])
+        loss = engine(x[(i % 8) * 4 : (i % 8) * 4 + 4], y[(i % 8) * 4 : (i % 8) * 4 + 4])
         engine.backward(loss)
         boundaries.append(engine.step())
         losses.append(loss.item())
@@ -230,18 +250,29 @@ def _torchrun(nproc: int, args: list[str], tmp_path: Path) -> None:
     script = tmp_path / "resize.py"
     script.write_text(_TORCHRUN_SCRIPT.format(tests=str(REPO / "tests")))
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(script), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        str(script),
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("stage", "precision", "save_world", "load_world"), [
-    (2, "bf16", 2, 1),  # ZeRO partitions -> universal checkpoint
-    (3, "fp32", 1, 2),  # parameters partitioned too, and growing instead of shrinking
-    (0, "bf16", 2, 1),  # no ZeRO: full fp32 masters in the model file, loads as it is
-])
+@pytest.mark.parametrize(
+    ("stage", "precision", "save_world", "load_world"),
+    [
+        (2, "bf16", 2, 1),  # ZeRO partitions -> universal checkpoint
+        (3, "fp32", 1, 2),  # parameters partitioned too, and growing instead of shrinking
+        (0, "bf16", 2, 1),  # no ZeRO: full fp32 masters in the model file, loads as it is
+    ],
+)
 def test_resume_on_a_different_worker_count_continues_exactly(tmp_path, stage, precision, save_world, load_world):
     out = tmp_path / "ckpt"
     _torchrun(save_world, ["save", str(stage), precision, str(out)], tmp_path)

@@ -43,9 +43,14 @@ def toy_train(config: dict) -> None:
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
     micro = 4
     accum = 8 // (micro * world)
-    engine = create_engine(model, torch.optim.AdamW(model.parameters(), lr=3e-2),
-                           DistributedConfig(zero_stage=config["zero_stage"], precision="fp32"),
-                           micro_batch=micro, grad_accum=accum, grad_clip=1.0)
+    engine = create_engine(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=3e-2),
+        DistributedConfig(zero_stage=config["zero_stage"], precision="fp32"),
+        micro_batch=micro,
+        grad_accum=accum,
+        grad_clip=1.0,
+    )
     start = 0
     ckpt = latest_checkpoint_dir()
     if ckpt is not None:
@@ -65,8 +70,13 @@ def toy_train(config: dict) -> None:
             Path(fail_marker).touch()
             time.sleep(1.0)  # let the controller register the step-4 checkpoint (it polls every 0.25 s here)
             os._exit(1)  # a hard crash: no exception, no report, the process is gone
-        metrics = {"step": step + 1, "loss": sum(losses) / len(losses), "start": start, "world": world,
-                   "t": time.time()}
+        metrics = {
+            "step": step + 1,
+            "loss": sum(losses) / len(losses),
+            "start": start,
+            "world": world,
+            "t": time.time(),
+        }
         if rank == 0:
             with open(config["log"], "a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -78,15 +88,34 @@ def toy_train(config: dict) -> None:
             report(metrics)
 
 
-def _run(tmp_path: Path, name: str, steps: int, *, workers: int = 2, stage: int = 2, max_failures: int = 0,
-         keep: int | None = None, **extra):
+def _run(
+    tmp_path: Path,
+    name: str,
+    steps: int,
+    *,
+    workers: int = 2,
+    stage: int = 2,
+    max_failures: int = 0,
+    keep: int | None = None,
+    **extra,
+):
     from medmae.distributed import run_ray
 
-    cfg = DistributedConfig(num_workers=workers, zero_stage=stage, max_failures=max_failures,
-                            storage_path=str(tmp_path / "storage"), precision="fp32")
+    cfg = DistributedConfig(
+        num_workers=workers,
+        zero_stage=stage,
+        max_failures=max_failures,
+        storage_path=str(tmp_path / "storage"),
+        precision="fp32",
+    )
     log = tmp_path / f"{name}.jsonl"
-    result = run_ray(toy_train, {"zero_stage": stage, "steps": steps, "log": str(log), **extra}, cfg, run_name=name,
-                     keep_checkpoints=keep)
+    result = run_ray(
+        toy_train,
+        {"zero_stage": stage, "steps": steps, "log": str(log), **extra},
+        cfg,
+        run_name=name,
+        keep_checkpoints=keep,
+    )
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     return result, lines
 

@@ -36,10 +36,18 @@ def seg_shards(tmp_path_factory) -> Path:
 
 
 def _job(tmp_path: Path, shards: Path, *overrides: str) -> JobConfig:
-    return load_config(JobConfig, REPO / "configs/finetune_debug.yaml", [
-        f"data.path={shards}", f"run.output_dir={tmp_path / 'runs'}", "data.num_workers=0", "run.log_every=50",
-        "dist.num_workers=1", *overrides,
-    ])
+    return load_config(
+        JobConfig,
+        REPO / "configs/finetune_debug.yaml",
+        [
+            f"data.path={shards}",
+            f"run.output_dir={tmp_path / 'runs'}",
+            "data.num_workers=0",
+            "run.log_every=50",
+            "dist.num_workers=1",
+            *overrides,
+        ],
+    )
 
 
 def _trainer(cfg: JobConfig):
@@ -49,8 +57,16 @@ def _trainer(cfg: JobConfig):
 
 
 def test_unetr_learns_an_easy_segmentation(tmp_path, seg_shards):
-    cfg = _job(tmp_path, seg_shards, "run.name=learn", "train.max_steps=200", "data.samples_per_epoch=1600",
-               "run.val_every=100", "optim.lr=3e-3", "optim.layer_decay=1.0")
+    cfg = _job(
+        tmp_path,
+        seg_shards,
+        "run.name=learn",
+        "train.max_steps=200",
+        "data.samples_per_epoch=1600",
+        "run.val_every=100",
+        "optim.lr=3e-3",
+        "optim.layer_decay=1.0",
+    )
     trainer = _trainer(cfg)
     trainer.train()
     run = tmp_path / "runs" / "learn"
@@ -109,11 +125,19 @@ def test_brats_region_mapping_on_a_hand_made_volume():
 
 def test_brats_regions_train_and_validate_per_region(tmp_path_factory):
     root = tmp_path_factory.mktemp("brats")
-    datalist = write_phantom_dataset(root / "raw", n=3, shape=(32, 32, 32), num_classes=4, channels=4, seed=2,
-                                     kind="mri")
+    datalist = write_phantom_dataset(
+        root / "raw", n=3, shape=(32, 32, 32), num_classes=4, channels=4, seed=2, kind="mri"
+    )
     convert(datalist, root / "wds", ConvertOptions(preset="mri", workers=0, val_fraction=0.34), progress=False)
-    cfg = _job(root, root / "wds", "run.name=brats", "finetune.labels=brats_regions", "model.in_chans=4",
-               "train.max_steps=3", "data.samples_per_epoch=24")
+    cfg = _job(
+        root,
+        root / "wds",
+        "run.name=brats",
+        "finetune.labels=brats_regions",
+        "model.in_chans=4",
+        "train.max_steps=3",
+        "data.samples_per_epoch=24",
+    )
     trainer = _trainer(cfg)
     trainer.train()
     best = json.loads((root / "runs" / "brats" / "results.json").read_text())["best"]
@@ -140,17 +164,45 @@ def test_classification_learns_and_reports_the_best_model_on_the_official_test_l
     (tmp_path / "x.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "test_list.txt").write_text("\n".join(test) + "\n")
     (tmp_path / "train_val_list.txt").write_text("\n".join(f"x{i:02d}.png" for i in range(28)) + "\n")
-    convert(tmp_path / "x.csv", tmp_path / "wds", ConvertOptions(
-        preset="xray", val_fraction=0.25, workers=0, seed=1, group_col="Patient ID", image_col="Image Index",
-        label_cols=["effusion", "mass"],
-        train_list=str(tmp_path / "train_val_list.txt"), test_list=str(tmp_path / "test_list.txt")), progress=False)
-    cfg = load_config(JobConfig, None, [
-        "task=classify", "model.name=vit_2d_cls_debug", "model.num_classes=2", f"data.path={tmp_path / 'wds'}",
-        "data.spatial_dims=2", "data.roi_size=[32,32]", "data.crop=resized", "data.resized_min_scale=0.8",
-        "data.num_workers=0", "data.samples_per_epoch=64", "train.max_steps=40", "train.micro_batch=8",
-        "optim.lr=2e-3", "run.val_every=20", "dist.num_workers=1", f"run.output_dir={tmp_path / 'runs'}",
-        "run.name=cls",
-    ])
+    convert(
+        tmp_path / "x.csv",
+        tmp_path / "wds",
+        ConvertOptions(
+            preset="xray",
+            val_fraction=0.25,
+            workers=0,
+            seed=1,
+            group_col="Patient ID",
+            image_col="Image Index",
+            label_cols=["effusion", "mass"],
+            train_list=str(tmp_path / "train_val_list.txt"),
+            test_list=str(tmp_path / "test_list.txt"),
+        ),
+        progress=False,
+    )
+    cfg = load_config(
+        JobConfig,
+        None,
+        [
+            "task=classify",
+            "model.name=vit_2d_cls_debug",
+            "model.num_classes=2",
+            f"data.path={tmp_path / 'wds'}",
+            "data.spatial_dims=2",
+            "data.roi_size=[32,32]",
+            "data.crop=resized",
+            "data.resized_min_scale=0.8",
+            "data.num_workers=0",
+            "data.samples_per_epoch=64",
+            "train.max_steps=40",
+            "train.micro_batch=8",
+            "optim.lr=2e-3",
+            "run.val_every=20",
+            "dist.num_workers=1",
+            f"run.output_dir={tmp_path / 'runs'}",
+            "run.name=cls",
+        ],
+    )
     _trainer(cfg).train()
     results = json.loads((tmp_path / "runs" / "cls" / "results.json").read_text())
     best, final_test = results["best"], results["test"]
@@ -171,10 +223,23 @@ def test_classification_learns_and_reports_the_best_model_on_the_official_test_l
 def test_deepspeed_launcher_two_cpu_processes_writes_results(tmp_path, seg_shards):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", "29577",
-           str(REPO / "launch/finetune.py"), "--config", str(REPO / "configs/finetune_debug.yaml"),
-           f"data.path={seg_shards}", f"run.output_dir={tmp_path / 'runs'}", "run.name=ds", "train.max_steps=6",
-           "data.num_workers=0", "data.samples_per_epoch=48", "run.log_every=3"]
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        "29577",
+        str(REPO / "launch/finetune.py"),
+        "--config",
+        str(REPO / "configs/finetune_debug.yaml"),
+        f"data.path={seg_shards}",
+        f"run.output_dir={tmp_path / 'runs'}",
+        "run.name=ds",
+        "train.max_steps=6",
+        "data.num_workers=0",
+        "data.samples_per_epoch=48",
+        "run.log_every=3",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "runs" / "ds" / "results.json").read_text())

@@ -15,9 +15,21 @@ pytestmark = pytest.mark.slow
 
 def test_gpu_check_runs_on_the_cpu_and_writes_its_json(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([str(REPO / "bench/gpu_check.sh"), "--cpu", "--out", str(tmp_path), "--sections",
-                           "env,sdpa,model,engine,pinned"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            str(REPO / "bench/gpu_check.sh"),
+            "--cpu",
+            "--out",
+            str(tmp_path),
+            "--sections",
+            "env,sdpa,model,engine,pinned",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check_cpu.json").read_text())
     assert result["device"] == "cpu" and result["env"]["deepspeed"][0].isdigit()

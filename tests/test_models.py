@@ -57,8 +57,12 @@ def test_paper_sizes_are_registered():
     assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.embed_dim * cfg.mlp_ratio) == (768, 12, 12, 3072)
     assert (cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads) == (384, 8, 12)
     assert cfg.img_size == (96, 96, 96) and cfg.patch_size == 16
-    for name in ["mae_vit_large_patch16_3d", "unetr_vit_base_patch16_3d", "vit_base_patch16_2d_cls",
-                 "mae_vit_base_patch16_2d"]:
+    for name in [
+        "mae_vit_large_patch16_3d",
+        "unetr_vit_base_patch16_3d",
+        "vit_base_patch16_2d_cls",
+        "mae_vit_base_patch16_2d",
+    ]:
         assert name in list_models()
 
 
@@ -264,9 +268,16 @@ def test_training_flops_come_from_the_model_and_count_unetrs_decoder():
     assert train_flops_per_sample("mae_vit_3d_debug", model.cfg) == counter.get_total_flops()
     # UNETR's convolutional decoder costs far more than its ViT encoder: an encoder-only formula misses most of it
     unetr = train_flops_per_sample("unetr_vit_base_patch16_3d", model_config("unetr_vit_base_patch16_3d"))
-    vit = train_flops_per_sample("vit_3d_cls_debug", model_config("vit_3d_cls_debug", **{
-        k: getattr(model_config("unetr_vit_base_patch16_3d"), k)
-        for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")}))
+    vit = train_flops_per_sample(
+        "vit_3d_cls_debug",
+        model_config(
+            "vit_3d_cls_debug",
+            **{
+                k: getattr(model_config("unetr_vit_base_patch16_3d"), k)
+                for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+            },
+        ),
+    )
     assert unetr > 3 * vit
 
 
@@ -274,10 +285,16 @@ def test_peak_flops_is_keyed_on_the_exact_device_name_and_dtype(monkeypatch):
     from medmae.training import logs
 
     assert logs.peak_flops(torch.device("cpu"), torch.bfloat16) is None
-    for name, dtype, peak in [("NVIDIA H100 80GB HBM3", torch.bfloat16, 989e12), ("NVIDIA H100 PCIe", torch.bfloat16,
-                              756e12), ("NVIDIA H100 NVL", torch.bfloat16, 835e12), ("NVIDIA L4", torch.bfloat16,
-                              121e12), ("NVIDIA L40", torch.bfloat16, 181e12), ("NVIDIA H200", torch.float32, 495e12),
-                              ("Tesla T4", torch.bfloat16, None), ("NVIDIA GeForce GTX 1080", torch.bfloat16, None)]:
+    for name, dtype, peak in [
+        ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989e12),
+        ("NVIDIA H100 PCIe", torch.bfloat16, 756e12),
+        ("NVIDIA H100 NVL", torch.bfloat16, 835e12),
+        ("NVIDIA L4", torch.bfloat16, 121e12),
+        ("NVIDIA L40", torch.bfloat16, 181e12),
+        ("NVIDIA H200", torch.float32, 495e12),
+        ("Tesla T4", torch.bfloat16, None),
+        ("NVIDIA GeForce GTX 1080", torch.bfloat16, None),
+    ]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_a, n=name: n)
         monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")  # TF32 allowed
         assert logs.peak_flops(torch.device("cuda"), dtype) == (pytest.approx(peak) if peak else None), name

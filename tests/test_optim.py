@@ -23,8 +23,11 @@ def test_no_weight_decay_on_norms_biases_tokens_and_position_tables():
     assert set(by_name) == {n for n, p in model.named_parameters() if p.requires_grad}
     for name, g in by_name.items():
         p = dict(model.named_parameters())[name]
-        exempt = p.ndim <= 1 or name in {"encoder.pos_embed.weight", "encoder.cls_token.tokens",
-                                         "decoder.mask_token.token"}
+        exempt = p.ndim <= 1 or name in {
+            "encoder.pos_embed.weight",
+            "encoder.cls_token.tokens",
+            "decoder.mask_token.token",
+        }
         assert g["weight_decay"] == (0.0 if exempt else 0.05), name
     assert by_name["encoder.blocks.0.attn.qkv.weight"]["weight_decay"] == 0.05
     assert by_name["encoder.pos_embed.weight"]["weight_decay"] == 0.0
@@ -52,7 +55,7 @@ def test_build_optimizer_uses_the_config_and_the_engine_scales_each_group():
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
     assert {g["betas"] for g in opt.param_groups} == {(0.9, 0.999)}
     assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 0.1}
-    assert min(g["lr_scale"] for g in opt.param_groups) == pytest.approx(0.5 ** 5)
+    assert min(g["lr_scale"] for g in opt.param_groups) == pytest.approx(0.5**5)
 
 
 def test_lr_schedule_warms_up_linearly_then_follows_the_half_cosine():

@@ -33,10 +33,19 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _config(tmp_path: Path, shards: Path, *overrides: str) -> JobConfig:
-    return load_config(JobConfig, REPO / "configs/pretrain_debug.yaml", [
-        f"data.path={shards}", f"run.output_dir={tmp_path / 'runs'}", f"dist.storage_path={tmp_path / 'ray'}",
-        "data.num_workers=0", "data.samples_per_epoch=64", "run.log_every=1",
-    ] + list(overrides))
+    return load_config(
+        JobConfig,
+        REPO / "configs/pretrain_debug.yaml",
+        [
+            f"data.path={shards}",
+            f"run.output_dir={tmp_path / 'runs'}",
+            f"dist.storage_path={tmp_path / 'ray'}",
+            "data.num_workers=0",
+            "data.samples_per_epoch=64",
+            "run.log_every=1",
+        ]
+        + list(overrides),
+    )
 
 
 def _pretrain(cfg: JobConfig):
@@ -61,9 +70,18 @@ def _events(cfg: JobConfig):
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_workers_pretrain_loss_falls_and_writes_everything(ray_session, tmp_path, shards, stage):
-    cfg = _config(tmp_path, shards, f"run.name=zero{stage}", f"dist.zero_stage={stage}", "train.max_steps=24",
-                  "run.checkpoint_every=12", "run.image_every=12", "model.norm_pix_loss=false",
-                  "optim.base_lr=0.05", "optim.warmup_steps=2")
+    cfg = _config(
+        tmp_path,
+        shards,
+        f"run.name=zero{stage}",
+        f"dist.zero_stage={stage}",
+        "train.max_steps=24",
+        "run.checkpoint_every=12",
+        "run.image_every=12",
+        "model.norm_pix_loss=false",
+        "optim.base_lr=0.05",
+        "optim.warmup_steps=2",
+    )
     result = _pretrain(cfg)
     assert result.error is None and result.metrics["step"] == 24
     losses = [m["train/loss"] for m in _metrics(cfg)]
@@ -90,8 +108,15 @@ def test_two_workers_pretrain_loss_falls_and_writes_everything(ray_session, tmp_
 
 
 def test_killed_worker_restarts_from_checkpoint_and_rerun_resumes(ray_session, tmp_path, shards, monkeypatch):
-    cfg = _config(tmp_path, shards, "run.name=fault", "train.max_steps=10", "run.checkpoint_every=4",
-                  "dist.max_failures=1", "run.image_every=0")
+    cfg = _config(
+        tmp_path,
+        shards,
+        "run.name=fault",
+        "train.max_steps=10",
+        "run.checkpoint_every=4",
+        "dist.max_failures=1",
+        "run.image_every=0",
+    )
     monkeypatch.setenv("MEDMAE_TEST_FAIL_AT_STEP", "6")  # forwarded to the Ray workers like NCCL_* settings
     result = _pretrain(cfg)
     monkeypatch.delenv("MEDMAE_TEST_FAIL_AT_STEP")
@@ -101,8 +126,9 @@ def test_killed_worker_restarts_from_checkpoint_and_rerun_resumes(ray_session, t
     # Steps 1-6 ran, the worker died before step 7; the restarted group resumed from the step-4 checkpoint.
     assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8, 9, 10]
     # Re-running the same name with a longer schedule continues from step 10, not from zero.
-    longer = _config(tmp_path, shards, "run.name=fault", "train.max_steps=13", "run.checkpoint_every=4",
-                     "run.image_every=0")
+    longer = _config(
+        tmp_path, shards, "run.name=fault", "train.max_steps=13", "run.checkpoint_every=4", "run.image_every=0"
+    )
     result = _pretrain(longer)
     assert result.error is None and result.metrics["step"] == 13
-    assert [m["step"] for m in _metrics(longer)][len(steps):] == [11, 12, 13]
+    assert [m["step"] for m in _metrics(longer)][len(steps) :] == [11, 12, 13]

@@ -55,8 +55,9 @@ for name, steps in (("a", 4), ("b", 2), ("b", 4)):
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     datalist = write_phantom_dataset(root / "raw", n=4, shape=(40, 40, 40), seed=3)
-    convert(datalist, root / "wds", ConvertOptions(format="wds", preset="ct", workers=0, shard_size_mb=0.1),
-            progress=False)
+    convert(
+        datalist, root / "wds", ConvertOptions(format="wds", preset="ct", workers=0, shard_size_mb=0.1), progress=False
+    )
     return root / "wds"
 
 
@@ -64,9 +65,25 @@ def test_ranks_draw_their_own_masks_and_resume_continues_each_stream(tmp_path, s
     script = tmp_path / "masks.py"
     script.write_text(_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(REPO), str(shards), str(tmp_path)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(REPO),
+            str(shards),
+            str(tmp_path),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     masks = {}
     for rank in (0, 1):

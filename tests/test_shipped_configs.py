@@ -9,8 +9,9 @@ import pytest
 from medmae.config import load_config
 from medmae.training.config import JobConfig, derive
 
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
-                 if not p.name.startswith("sweep_"))
+CONFIGS = sorted(
+    p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml") if not p.name.startswith("sweep_")
+)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

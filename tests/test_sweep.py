@@ -45,12 +45,21 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 
 
 def _sweep_cfg(tmp_path: Path, assets: dict[str, Path], *overrides: str) -> SweepConfig:
-    return load_config(SweepConfig, DEBUG, [
-        f"storage_path={tmp_path / 'sweeps'}", f"pretrained={assets['encoder']}",
-        f"finetune_config={REPO / 'configs/finetune_debug.yaml'}", f"overrides.data.path={assets['shards']}",
-        "overrides.train.max_steps=8",
-        "overrides.run.val_every=4", "overrides.run.checkpoint_every=4", "overrides.run.log_every=1", *overrides,
-    ])
+    return load_config(
+        SweepConfig,
+        DEBUG,
+        [
+            f"storage_path={tmp_path / 'sweeps'}",
+            f"pretrained={assets['encoder']}",
+            f"finetune_config={REPO / 'configs/finetune_debug.yaml'}",
+            f"overrides.data.path={assets['shards']}",
+            "overrides.train.max_steps=8",
+            "overrides.run.val_every=4",
+            "overrides.run.checkpoint_every=4",
+            "overrides.run.log_every=1",
+            *overrides,
+        ],
+    )
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -60,8 +69,15 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 # ---- no Ray ---------------------------------------------------------------------------------------------------------
 def test_grid_names_and_trial_configs(tmp_path, assets):
-    cfg = _sweep_cfg(tmp_path, assets, "grid.lr=[1e-3, 1.5e-4]", "grid.seeds=[0, 2]", "grid.lr_key=base_lr",
-                     "resources.workers=2", "resources.min_workers=1")
+    cfg = _sweep_cfg(
+        tmp_path,
+        assets,
+        "grid.lr=[1e-3, 1.5e-4]",
+        "grid.seeds=[0, 2]",
+        "grid.lr_key=base_lr",
+        "resources.workers=2",
+        "resources.min_workers=1",
+    )
     specs = expand_grid(cfg)
     assert len(specs) == 2 * 2 * 2 * 2 and len({s.name for s in specs}) == 16
     assert {"scratch-f0.5-lr1e-3-s0", "mae-f1-lr1.5e-4-s2"} <= {s.name for s in specs}
@@ -79,14 +95,17 @@ def test_grid_names_and_trial_configs(tmp_path, assets):
     assert trial_job(cfg, scratch).finetune.pretrained == ""
 
 
-@pytest.mark.parametrize("override, match", [
-    ("grid.init=[scratch, imagenet]", "init: 'imagenet'"),
-    ("grid.train_fraction=[0, 0.5]", "train_fraction"),
-    ("pretrained=''", "pretrained"),
-    ("overrides.optim.lrr=1", "unknown config key 'optim.lrr'"),
-    ("storage_path=s3://bucket/sweeps", "storage_path"),
-    ("asha.reduction_factor=1", "reduction_factor"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("grid.init=[scratch, imagenet]", "init: 'imagenet'"),
+        ("grid.train_fraction=[0, 0.5]", "train_fraction"),
+        ("pretrained=''", "pretrained"),
+        ("overrides.optim.lrr=1", "unknown config key 'optim.lrr'"),
+        ("storage_path=s3://bucket/sweeps", "storage_path"),
+        ("asha.reduction_factor=1", "reduction_factor"),
+    ],
+)
 def test_bad_sweep_configs_name_the_key(tmp_path, assets, override, match):
     with pytest.raises(ValueError, match=match):
         from medmae.sweep.grid import trial_jobs
@@ -164,8 +183,15 @@ def test_debug_sweep_writes_the_report(ray_session, tmp_path, assets):
 @pytest.mark.slow
 def test_killed_worker_restarts_its_trial_from_the_checkpoint(ray_session, tmp_path, assets, monkeypatch):
     monkeypatch.setenv("MEDMAE_TEST_FAIL_AT_STEP", "6")  # the sweep forwards MEDMAE_* to every trial's workers
-    cfg = _sweep_cfg(tmp_path, assets, "name=fault", "grid.init=[scratch]", "grid.train_fraction=[1.0]",
-                     "overrides.run.val_every=0", "resources.max_failures=1")
+    cfg = _sweep_cfg(
+        tmp_path,
+        assets,
+        "name=fault",
+        "grid.init=[scratch]",
+        "grid.train_fraction=[1.0]",
+        "overrides.run.val_every=0",
+        "resources.max_failures=1",
+    )
     paths = _run(cfg)
     run = paths["csv"].parent / "trials" / "scratch-f1-lr3e-3-s0"
     assert [r["status"] for r in _rows(paths["csv"])] == ["done"]
@@ -179,15 +205,28 @@ def test_killed_worker_restarts_its_trial_from_the_checkpoint(ray_session, tmp_p
 
 @pytest.mark.slow
 def test_killed_driver_rerun_skips_finished_trials(ray_session, tmp_path, assets):
-    args = [f"storage_path={tmp_path / 'sweeps'}", f"pretrained={assets['encoder']}", "name=killed",
-            f"overrides.data.path={assets['shards']}", "overrides.train.max_steps=8", "overrides.run.val_every=4",
-            "overrides.run.checkpoint_every=4", "grid.train_fraction=[1.0]", "max_concurrent_trials=1",
-            f"finetune_config={REPO / 'configs/finetune_debug.yaml'}"]
+    args = [
+        f"storage_path={tmp_path / 'sweeps'}",
+        f"pretrained={assets['encoder']}",
+        "name=killed",
+        f"overrides.data.path={assets['shards']}",
+        "overrides.train.max_steps=8",
+        "overrides.run.val_every=4",
+        "overrides.run.checkpoint_every=4",
+        "grid.train_fraction=[1.0]",
+        "max_concurrent_trials=1",
+        f"finetune_config={REPO / 'configs/finetune_debug.yaml'}",
+    ]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
     trials = tmp_path / "sweeps" / "killed" / "trials"
     with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen([sys.executable, str(REPO / "launch/sweep.py"), "--config", str(DEBUG), *args],
-                                  cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        driver = subprocess.Popen(
+            [sys.executable, str(REPO / "launch/sweep.py"), "--config", str(DEBUG), *args],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + 180
             while not list(trials.glob("*/trial.json")):

@@ -102,9 +102,17 @@ def test_segmentation_results_report_absent_classes_and_score_the_chosen_ones():
     b = np.zeros_like(a)
     b[3:9, 3:9, 3:9] = 1  # class 2 absent, class 3 never occurs anywhere
     loader = torch.utils.data.DataLoader(_Volumes([a, b]), batch_size=None)
-    res = evaluate_segmentation(_Oracle(4), loader, roi=(16, 16, 16), num_classes=4, regions=False,
-                                device=torch.device("cpu"), dtype=torch.float32, class_names=["x", "y", "z"],
-                                score_classes=[0, 1])
+    res = evaluate_segmentation(
+        _Oracle(4),
+        loader,
+        roi=(16, 16, 16),
+        num_classes=4,
+        regions=False,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        class_names=["x", "y", "z"],
+        score_classes=[0, 1],
+    )
     assert res["dice"] == {"x": 1.0, "y": 1.0, "z": None} and res["hd95"]["z"] is None
     assert res["absent"] == {"y": 1, "z": 2} and res["volumes"] == 2
     assert res["score"] == 1.0 and res["score_classes"] == ["x", "y"] and res["mean_dice"] == 1.0
@@ -151,11 +159,26 @@ def test_a_new_task_is_one_spec_and_its_registration(tmp_path, foreground_task):
     datalist = write_phantom_dataset(root / "raw", n=3, shape=(24, 24, 24), num_classes=2, seed=1)
     convert(datalist, root / "wds", ConvertOptions(format="wds", preset="ct", workers=0), progress=False)
     assert task_class("foreground_fraction") is foreground_task
-    cfg = load_config(JobConfig, None, [
-        "task=foreground_fraction", "model.num_classes=1", "model.img_size=[16,16,16]", "model.patch_size=8",
-        f"data.path={root / 'wds'}", "data.roi_size=[16,16,16]", "data.num_workers=0", "data.samples_per_epoch=8",
-        f"run.output_dir={tmp_path / 'runs'}", "run.name=fg", "train.max_steps=3", "dist.num_workers=1",
-        "finetune.threshold=0.5", "run.log_every=1"])
+    cfg = load_config(
+        JobConfig,
+        None,
+        [
+            "task=foreground_fraction",
+            "model.num_classes=1",
+            "model.img_size=[16,16,16]",
+            "model.patch_size=8",
+            f"data.path={root / 'wds'}",
+            "data.roi_size=[16,16,16]",
+            "data.num_workers=0",
+            "data.samples_per_epoch=8",
+            f"run.output_dir={tmp_path / 'runs'}",
+            "run.name=fg",
+            "train.max_steps=3",
+            "dist.num_workers=1",
+            "finetune.threshold=0.5",
+            "run.log_every=1",
+        ],
+    )
     from medmae.training.trainer import Trainer
 
     Trainer(cfg).train()

@@ -43,8 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("input", help="image file (.nii/.nii.gz/.nrrd/.mha/...), DICOM series folder, or folder of them")
     p.add_argument("output", help="output file (single input file) or folder; classification: .csv/.json table")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
-    p.add_argument("--sw-batch", type=int, default=None,
-                   help="windows per forward pass (default 16 on a GPU, 2 on the CPU)")
+    p.add_argument(
+        "--sw-batch", type=int, default=None, help="windows per forward pass (default 16 on a GPU, 2 on the CPU)"
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)

@@ -104,4 +104,3 @@ class DataConfig:
                 raise ValueError(f"datasets[{i}]: expected a mapping with path and weight, got {d!r}")
         if len({d.path for d in self.datasets}) != len(self.datasets):
             raise ValueError("datasets: the same path is listed twice")
-

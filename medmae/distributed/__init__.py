@@ -35,8 +35,15 @@ _LAZY = {
     "world_info": "ray_launch",
 }
 
-__all__ = ["DistributedConfig", "all_gather_objects", "all_reduce_sum", "barrier", "broadcast_", "mean_over_ranks",
-           *_LAZY]
+__all__ = [
+    "DistributedConfig",
+    "all_gather_objects",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_",
+    "mean_over_ranks",
+    *_LAZY,
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -51,8 +51,9 @@ class DistributedConfig:
     def __post_init__(self) -> None:
         check_ranges(self)
         if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
-            raise ValueError(f"min_workers: must be between 1 and num_workers={self.num_workers}, "
-                             f"got {self.min_workers}")
+            raise ValueError(
+                f"min_workers: must be between 1 and num_workers={self.num_workers}, got {self.min_workers}"
+            )
         if self.use_gpu not in _USE_GPU:
             raise ValueError(f"use_gpu: {self.use_gpu!r} is not one of {list(_USE_GPU)}")
         if not self.storage_path:

@@ -49,8 +49,9 @@ def resolve_precision(precision: str, device_type: str) -> str:
     if precision == "auto":
         return "bf16" if _bf16_supported(device_type) else "fp32"
     if precision == "fp16" and device_type != "cuda":
-        raise ValueError(f"precision: fp16 needs a CUDA device (DeepSpeed refuses fp16 on {device_type}); "
-                         "use bf16 or fp32")
+        raise ValueError(
+            f"precision: fp16 needs a CUDA device (DeepSpeed refuses fp16 on {device_type}); use bf16 or fp32"
+        )
     return precision
 
 
@@ -63,8 +64,9 @@ def resolve_backend(backend: str, device_type: str) -> str:
     return backend
 
 
-def build_deepspeed_config(cfg: DistributedConfig, *, micro_batch: int, grad_accum: int, world_size: int,
-                           grad_clip: float, device_type: str) -> dict[str, Any]:
+def build_deepspeed_config(
+    cfg: DistributedConfig, *, micro_batch: int, grad_accum: int, world_size: int, grad_clip: float, device_type: str
+) -> dict[str, Any]:
     """DeepSpeed config dict for a client AdamW whose learning rate our own schedule sets every step."""
     for name, value in (("micro_batch", micro_batch), ("grad_accum", grad_accum), ("world_size", world_size)):
         if not isinstance(value, int) or value < 1:
@@ -79,8 +81,12 @@ def build_deepspeed_config(cfg: DistributedConfig, *, micro_batch: int, grad_acc
     if cfg.zero_stage in (1, 2):
         # Reduce gradients bucket by bucket while backward still runs, instead of all of them after it: buckets of
         # 5e7 elements (DeepSpeed's default 5e8 holds a whole ViT-B, so nothing would overlap).
-        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=BUCKET_ELEMENTS,
-                    allgather_bucket_size=BUCKET_ELEMENTS)
+        zero.update(
+            overlap_comm=True,
+            contiguous_gradients=True,
+            reduce_bucket_size=BUCKET_ELEMENTS,
+            allgather_bucket_size=BUCKET_ELEMENTS,
+        )
     elif cfg.zero_stage == 3:
         zero.update(reduce_bucket_size=BUCKET_ELEMENTS, stage3_prefetch_bucket_size=BUCKET_ELEMENTS)
     if cfg.offload_optimizer:

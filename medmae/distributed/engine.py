@@ -64,11 +64,13 @@ def init_process_group(backend: str = "auto") -> tuple[int, int]:
     deepspeed = import_deepspeed()
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:  # plain single process: make the env:// rendezvous trivially satisfiable
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
+            os.environ.update(
+                RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+            )
         os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
-        deepspeed.init_distributed(dist_backend=resolve_backend(backend, resolve_device().type),
-                                   auto_mpi_discovery=False, verbose=False)
+        deepspeed.init_distributed(
+            dist_backend=resolve_backend(backend, resolve_device().type), auto_mpi_discovery=False, verbose=False
+        )
     else:
         # DeepSpeed insists on LOCAL_RANK; Ray sets it, a hand-made single-node group may not.
         os.environ.setdefault("LOCAL_RANK", str(dist.get_rank()))
@@ -118,8 +120,9 @@ class Engine:
         if boundary and self.cfg.zero_stage == 0 and self.precision == "fp32":
             # DeepSpeed's plain (non-ZeRO, fp32) path clips but keeps no norm; grads are all-reduced by now.
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            self._own_grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) \
-                if grads else 0.0
+            self._own_grad_norm = (
+                float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+            )
         self._ds.step()
         return boundary
 
@@ -148,8 +151,10 @@ class Engine:
         if UNIVERSAL_CHECKPOINT_INFO in client_state:
             raise ValueError(f"client_state: key {UNIVERSAL_CHECKPOINT_INFO!r} is reserved")
         # ds_to_universal requires this marker (Megatron-DeepSpeed writes it); it enables resuming on other sizes.
-        state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY:
-                                                             UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        state = {
+            **client_state,
+            UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
+        }
         directory = Path(directory)
         self._ds.save_checkpoint(str(directory), tag=tag, client_state=state, save_latest=True)
         if self.rank == 0:
@@ -172,14 +177,19 @@ class Engine:
         meta = json.loads(meta_path.read_text())
         if meta["zero_stage"] != self.cfg.zero_stage or meta["precision"] != self.precision:
             # Universal checkpoints could bridge this, but a silent change of numerics on resume is a config error.
-            raise ValueError(f"checkpoint {directory / tag} was written with zero_stage={meta['zero_stage']}, "
-                             f"precision={meta['precision']}; this run uses zero_stage={self.cfg.zero_stage}, "
-                             f"precision={self.precision}")
+            raise ValueError(
+                f"checkpoint {directory / tag} was written with zero_stage={meta['zero_stage']}, "
+                f"precision={meta['precision']}; this run uses zero_stage={self.cfg.zero_stage}, "
+                f"precision={self.precision}"
+            )
         if meta["world_size"] == self.world_size or not self._partitioned_optimizer():
             path, client_state = self._ds.load_checkpoint(str(directory), tag=tag)
         else:
-            logger.info("checkpoint from %d workers, resuming on %d: loading through a universal checkpoint",
-                        meta["world_size"], self.world_size)
+            logger.info(
+                "checkpoint from %d workers, resuming on %d: loading through a universal checkpoint",
+                meta["world_size"],
+                self.world_size,
+            )
             universal = self._to_universal(directory, tag)
             self._ds._config.load_universal_checkpoint = True  # read only inside load_checkpoint
             try:
@@ -274,8 +284,15 @@ class _UniversalArgs:
         self.inject_missing_state = False
 
 
-def create_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DistributedConfig, *,
-                  micro_batch: int, grad_accum: int, grad_clip: float) -> Engine:
+def create_engine(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: DistributedConfig,
+    *,
+    micro_batch: int,
+    grad_accum: int,
+    grad_clip: float,
+) -> Engine:
     """Start (or reuse) the process group, move ``model`` to this rank's device and wrap it and ``optimizer`` (a
     torch optimizer over its parameters, groups optionally carrying ``lr_scale``) in DeepSpeed. The learning rate
     is ours to set each step with ``set_lr``."""
@@ -285,12 +302,26 @@ def create_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Distr
     if device.type == "cuda":
         torch.cuda.set_device(device)
     precision = resolve_precision(cfg.precision, device.type)
-    ds_config = build_deepspeed_config(cfg, micro_batch=micro_batch, grad_accum=grad_accum, world_size=world_size,
-                                       grad_clip=grad_clip, device_type=device.type)
+    ds_config = build_deepspeed_config(
+        cfg,
+        micro_batch=micro_batch,
+        grad_accum=grad_accum,
+        world_size=world_size,
+        grad_clip=grad_clip,
+        device_type=device.type,
+    )
     model = model.to(device)  # moves parameter data in place: the optimizer's references stay valid
     ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if rank == 0:
-        logger.info("DeepSpeed engine: %d workers, ZeRO-%d, %s, micro batch %d x accum %d x %d = %d, device %s",
-                    world_size, cfg.zero_stage, precision, micro_batch, grad_accum, world_size,
-                    ds_config["train_batch_size"], device)
+        logger.info(
+            "DeepSpeed engine: %d workers, ZeRO-%d, %s, micro batch %d x accum %d x %d = %d, device %s",
+            world_size,
+            cfg.zero_stage,
+            precision,
+            micro_batch,
+            grad_accum,
+            world_size,
+            ds_config["train_batch_size"],
+            device,
+        )
     return Engine(ds_engine, cfg, precision, device)

@@ -36,8 +36,17 @@ from medmae.distributed.config import DistributedConfig
 from medmae.distributed.deepspeed_config import resolve_backend
 from medmae.io import is_url
 
-__all__ = ["checkpoint_dir", "ensure_ray", "forwarded_env", "in_ray_worker", "latest_checkpoint_dir", "report",
-           "resume_folder", "run_ray", "world_info"]
+__all__ = [
+    "checkpoint_dir",
+    "ensure_ray",
+    "forwarded_env",
+    "in_ray_worker",
+    "latest_checkpoint_dir",
+    "report",
+    "resume_folder",
+    "run_ray",
+    "world_info",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +82,11 @@ def world_info() -> tuple[int, int, int]:
         ctx = ray.train.get_context()
         return ctx.get_world_rank(), ctx.get_local_rank(), ctx.get_world_size()
     if torch.distributed.is_initialized():
-        return (torch.distributed.get_rank(), int(os.environ.get("LOCAL_RANK", "0")),
-                torch.distributed.get_world_size())
+        return (
+            torch.distributed.get_rank(),
+            int(os.environ.get("LOCAL_RANK", "0")),
+            torch.distributed.get_world_size(),
+        )
     rank = int(os.environ.get("RANK", "0"))
     return rank, int(os.environ.get("LOCAL_RANK", str(rank))), int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -211,8 +223,9 @@ def _use_gpu(setting: str) -> bool:
     if setting == "yes" and not has_gpus:
         if _STARTED_LOCALLY:
             raise ValueError("dist.use_gpu: 'yes' but this machine has no GPU (a local Ray was started here)")
-        logger.warning("dist.use_gpu: 'yes' and no GPU node is up yet: the workers wait for the autoscaler to add "
-                       "GPU nodes")
+        logger.warning(
+            "dist.use_gpu: 'yes' and no GPU node is up yet: the workers wait for the autoscaler to add GPU nodes"
+        )
     return setting == "yes" or (setting == "auto" and has_gpus)
 
 
@@ -220,9 +233,17 @@ def _storage_path(path: str) -> str:
     return path if is_url(path) else str(Path(path).expanduser().resolve())
 
 
-def run_ray(train_fn: Callable[[dict], None], train_fn_config: dict[str, Any], cfg: DistributedConfig, *,
-            run_name: str, keep_checkpoints: int | None = None, ray_init_kwargs: dict[str, Any] | None = None,
-            callbacks: list[Any] | None = None, env: dict[str, str] | None = None) -> Any:
+def run_ray(
+    train_fn: Callable[[dict], None],
+    train_fn_config: dict[str, Any],
+    cfg: DistributedConfig,
+    *,
+    run_name: str,
+    keep_checkpoints: int | None = None,
+    ray_init_kwargs: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> Any:
     """Run ``train_fn(train_fn_config)`` on ``cfg.num_workers`` Ray Train workers; returns the ``ray.train.Result``.
 
     A run name that already exists under ``cfg.storage_path`` resumes from its last reported checkpoint. Raises
@@ -245,8 +266,12 @@ def run_ray(train_fn: Callable[[dict], None], train_fn_config: dict[str, Any], c
         train_fn,
         train_loop_config=train_fn_config,
         torch_config=TorchConfig(backend=backend),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
-                                     elastic_resize_monitor_interval_s=cfg.resize_interval_s),
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=cfg.resize_interval_s,
+        ),
         run_config=RunConfig(
             name=run_name,
             storage_path=_storage_path(cfg.storage_path),
@@ -256,6 +281,7 @@ def run_ray(train_fn: Callable[[dict], None], train_fn_config: dict[str, Any], c
             callbacks=callbacks,
         ),
     )
-    logger.info("Ray Train run %r: %s workers, %s, gpu=%s, storage %s", run_name, workers, backend, use_gpu,
-                cfg.storage_path)
+    logger.info(
+        "Ray Train run %r: %s workers, %s, gpu=%s, storage %s", run_name, workers, backend, use_gpu, cfg.storage_path
+    )
     return trainer.fit()

@@ -39,7 +39,12 @@ class Predictor:
     """A fine-tuned model with what it needs to be applied to a raw image file."""
 
     def __init__(
-        self, model: nn.Module, meta: dict[str, Any], *, overlap: float = 0.5, sw_batch: int | None = None,
+        self,
+        model: nn.Module,
+        meta: dict[str, Any],
+        *,
+        overlap: float = 0.5,
+        sw_batch: int | None = None,
         device: str = "auto",
     ) -> None:
         if not 0.0 <= overlap < 1.0:

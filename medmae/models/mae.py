@@ -121,9 +121,7 @@ class MaskedAutoencoderViT(EncoderModel):
         return unpatchify(x, self.cfg.patch, self.cfg.grid_size, self.cfg.in_chans)
 
     @staticmethod
-    def random_masking(
-        x: torch.Tensor, mask_ratio: float
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def random_masking(x: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keep a random ``round(L·(1-ratio))`` tokens of each sample, drawn on ``x``'s device (no host sync).
 
         ``x`` (B, L, D) -> visible ``(B, L_keep, D)``, mask ``(B, L)`` with 1 = hidden, ids_restore ``(B, L)``.
@@ -140,9 +138,7 @@ class MaskedAutoencoderViT(EncoderModel):
         mask = torch.gather(mask, 1, ids_restore)
         return visible, mask, ids_restore
 
-    def forward_encoder(
-        self, imgs: torch.Tensor, mask_ratio: float
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(B, C, *S)`` -> latent ``(B, prefix + L_keep, D)``, mask ``(B, L)``, ids_restore ``(B, L)``."""
         enc = self.encoder
         x = enc.embed(imgs)  # (B, L, D)

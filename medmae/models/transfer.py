@@ -108,8 +108,11 @@ def load_encoder(
             f"encoder transfer is not exact: missing {missing or 'none'}, unexpected {unexpected or 'none'} "
             "(fixed sin-cos tables are recomputed, never stored; a learned table needs pos_embed: learned on both)"
         )
-    bad = [f"{k}: source {tuple(v.shape)} vs model {tuple(target[k].shape)}" for k, v in weights.items()
-           if v.shape != target[k].shape]
+    bad = [
+        f"{k}: source {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+        for k, v in weights.items()
+        if v.shape != target[k].shape
+    ]
     if bad:
         raise ValueError("encoder transfer shape mismatch: " + "; ".join(bad))
     encoder.load_state_dict(weights, strict=True)

@@ -50,8 +50,10 @@ class ViTConfig:
         check_ranges(self)
         if isinstance(self.img_size, int) or len(self.img_size) == 1:
             # Only the registered flavour knows its dims: create_model / model.img_size broadcast one size.
-            raise ValueError(f"img_size: one size ({self.img_size}) needs the model's spatial dims; give one per "
-                             "dim, e.g. (96, 96, 96), or pass it to create_model, which broadcasts it")
+            raise ValueError(
+                f"img_size: one size ({self.img_size}) needs the model's spatial dims; give one per "
+                "dim, e.g. (96, 96, 96), or pass it to create_model, which broadcasts it"
+            )
         self.img_size = tuple(self.img_size)
         if len(self.img_size) not in (2, 3) or min(self.img_size) < 1:
             raise ValueError(f"img_size: expected 2 or 3 positive sizes, got {self.img_size}")

@@ -63,7 +63,6 @@ class TrialResources:
             raise ValueError(f"min_workers: must be in [1, workers={self.workers}], got {self.min_workers}")
 
 
-
 @dataclass
 class AshaConfig:
     enabled: bool = False
@@ -102,8 +101,9 @@ class SweepConfig:
         if not self.name or "/" in self.name:
             raise ValueError(f"name: must be a non-empty name without '/', got {self.name!r}")
         if is_url(self.storage_path):
-            raise ValueError("storage_path: must be a filesystem path (shared on a cluster): trials write their "
-                             "results.json there and the report reads them")
+            raise ValueError(
+                "storage_path: must be a filesystem path (shared on a cluster): trials write their "
+                "results.json there and the report reads them"
+            )
         if "mae" in self.grid.init and not self.pretrained:
             raise ValueError("pretrained: the grid has init 'mae', so an encoder.safetensors path is required")
-

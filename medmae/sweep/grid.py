@@ -43,8 +43,10 @@ class TrialSpec:
 def expand_grid(cfg: SweepConfig) -> list[TrialSpec]:
     """Every combination, ordered so that early trials already cover both inits at every fraction."""
     g = cfg.grid
-    return [TrialSpec(init, frac, lr, seed)
-            for seed, frac, lr, init in itertools.product(g.seeds, g.train_fraction, g.lr, g.init)]
+    return [
+        TrialSpec(init, frac, lr, seed)
+        for seed, frac, lr, init in itertools.product(g.seeds, g.train_fraction, g.lr, g.init)
+    ]
 
 
 def sweep_dir(cfg: SweepConfig) -> Path:
@@ -73,8 +75,13 @@ def trial_job(cfg: SweepConfig, spec: TrialSpec) -> JobConfig:
         "data": {"train_fraction": spec.train_fraction, "subset_seed": spec.seed},
         "optim": {cfg.grid.lr_key: spec.lr},
         "finetune": {"pretrained": _abs(cfg.pretrained) if spec.init == "mae" else ""},
-        "dist": {"num_workers": res.workers, "min_workers": res.min_workers, "cpus_per_worker": res.cpus_per_worker,
-                 "max_failures": res.max_failures, "storage_path": str(storage)},
+        "dist": {
+            "num_workers": res.workers,
+            "min_workers": res.min_workers,
+            "cpus_per_worker": res.cpus_per_worker,
+            "max_failures": res.max_failures,
+            "storage_path": str(storage),
+        },
     }
     if cfg.grid.lr_key == "base_lr":
         trial["optim"]["lr"] = None  # an absolute lr in the fine-tuning config would silently win over base_lr

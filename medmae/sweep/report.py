@@ -50,9 +50,15 @@ def collect_rows(trials_dir: Path, specs: Iterable[TrialSpec]) -> list[dict[str,
         results = _read_json(run_dir / "results.json") or {}
         best = results.get("best") or {}
         metric, groups = _metric_names(results)
-        row: dict[str, Any] = {"trial": spec.name, **spec.params(), "status": status["status"],
-                               "best_step": best.get("step"), "metric": metric,
-                               "score": best.get("score"), "wall_time_s": status.get("wall_time_s")}
+        row: dict[str, Any] = {
+            "trial": spec.name,
+            **spec.params(),
+            "status": status["status"],
+            "best_step": best.get("step"),
+            "metric": metric,
+            "score": best.get("score"),
+            "wall_time_s": status.get("wall_time_s"),
+        }
         for group in groups:
             row.update({f"{group}/{k}": v for k, v in (best.get(group) or {}).items()})
         if "mean_hd95" in best:
@@ -125,10 +131,14 @@ def _summary_md(rows: list[dict[str, Any]], agg: dict[tuple[str, float], dict[st
     counts: dict[str, int] = defaultdict(int)
     for row in rows:
         counts[row["status"]] += 1
-    lines = [f"# {title}: label efficiency", "",
-             f"Trials: {len(rows)} ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}). "
-             f"Best validation mean {metric} per trial; mean ± std over seeds; for each init × fraction the lr with "
-             "the best mean is shown.", ""]
+    lines = [
+        f"# {title}: label efficiency",
+        "",
+        f"Trials: {len(rows)} ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}). "
+        f"Best validation mean {metric} per trial; mean ± std over seeds; for each init × fraction the lr with "
+        "the best mean is shown.",
+        "",
+    ]
     header = ["train fraction"] + [f"{i} {metric}" for i in inits] + (["Δ mae − scratch"] if len(inits) == 2 else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for frac in fractions:
@@ -142,9 +152,13 @@ def _summary_md(rows: list[dict[str, Any]], agg: dict[tuple[str, float], dict[st
         lines.append("| " + " | ".join(cells) + " |")
     per_class = sorted({c for e in agg.values() for c in e["stats"] if c != "score" and not c.startswith("hd95/")})
     if per_class:
-        lines += ["", "Per class (mean ± std over seeds):", "",
-                  "| init | fraction | " + " | ".join(c.split("/", 1)[1] for c in per_class) + " |",
-                  "|---|---|" + "---|" * len(per_class)]
+        lines += [
+            "",
+            "Per class (mean ± std over seeds):",
+            "",
+            "| init | fraction | " + " | ".join(c.split("/", 1)[1] for c in per_class) + " |",
+            "|---|---|" + "---|" * len(per_class),
+        ]
         for (init, frac), e in sorted(agg.items(), key=lambda kv: (kv[0][1], kv[0][0] != "scratch")):
             vals = [_fmt(*e["stats"][c]) if c in e["stats"] and e["stats"][c][2] else "—" for c in per_class]
             lines.append(f"| {init} | {frac:g} | " + " | ".join(vals) + " |")
@@ -162,8 +176,15 @@ def _plot(agg: dict[tuple[str, float], dict[str, Any]], metric: str, title: str)
         points = sorted((frac, e["stats"]["score"]) for (i, frac), e in agg.items() if i == init)
         if points:
             x = [p[0] for p in points]
-            ax.errorbar(x, [p[1][0] for p in points], yerr=[p[1][1] for p in points], marker="o", capsize=4,
-                        color=color, label="MAE self pre-trained" if init == "mae" else "from scratch")
+            ax.errorbar(
+                x,
+                [p[1][0] for p in points],
+                yerr=[p[1][1] for p in points],
+                marker="o",
+                capsize=4,
+                color=color,
+                label="MAE self pre-trained" if init == "mae" else "from scratch",
+            )
     ax.set_xscale("log")
     fractions = sorted({k[1] for k in agg})
     ax.set_xticks(fractions, [f"{f:g}" for f in fractions])

@@ -70,8 +70,15 @@ def run_trial(config: dict[str, Any], jobs: dict[str, dict[str, Any]], env: dict
     t0 = time.perf_counter()
     status: dict[str, Any] = {"trial": name, "status": "done"}
     try:
-        run_ray(train_worker, {"config": job}, from_dict(DistributedConfig, job["dist"]), run_name=name,
-                keep_checkpoints=job["run"]["keep_last"], callbacks=[ValidationToTune()], env=env)
+        run_ray(
+            train_worker,
+            {"config": job},
+            from_dict(DistributedConfig, job["dist"]),
+            run_name=name,
+            keep_checkpoints=job["run"]["keep_last"],
+            callbacks=[ValidationToTune()],
+            env=env,
+        )
     except Exception as e:
         status = {"trial": name, "status": "failed", "error": f"{type(e).__name__}: {e}"[:4000]}
         raise
@@ -109,9 +116,15 @@ class EarlyStopping(ASHAScheduler):
     """
 
     def __init__(self, cfg: SweepConfig, max_steps: int, trials_dir: Path) -> None:
-        super().__init__(time_attr="step", metric="val_score", mode="max", max_t=max_steps,
-                         grace_period=min(cfg.asha.grace_period, max_steps),
-                         reduction_factor=cfg.asha.reduction_factor, stop_last_trials=False)
+        super().__init__(
+            time_attr="step",
+            metric="val_score",
+            mode="max",
+            max_t=max_steps,
+            grace_period=min(cfg.asha.grace_period, max_steps),
+            reduction_factor=cfg.asha.reduction_factor,
+            stop_last_trials=False,
+        )
         self.trials_dir = trials_dir
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:  # noqa: ANN001 - Tune's signature
@@ -120,8 +133,9 @@ class EarlyStopping(ASHAScheduler):
             return self.CONTINUE if decision == self.STOP else decision
         name = trial.config["trial"]
         logger.info("ASHA stops trial %s at step %s (val_score %.4f)", name, result["step"], result["val_score"])
-        write_json_atomic(self.trials_dir / name / TRIAL_FILE,
-                          {"trial": name, "status": "stopped", "step": result["step"]})
+        write_json_atomic(
+            self.trials_dir / name / TRIAL_FILE, {"trial": name, "status": "stopped", "step": result["step"]}
+        )
         return decision
 
 
@@ -151,29 +165,40 @@ def run_sweep(cfg: SweepConfig, ray_init_kwargs: dict[str, Any] | None = None) -
     if todo:
         ensure_ray(**(ray_init_kwargs or {}))
         concurrency = _concurrency(cfg, jobs)
-        logger.info("running up to %s trials at once, each %d worker(s) × %g CPU", concurrency or "all",
-                    cfg.resources.workers, cfg.resources.cpus_per_worker)
+        logger.info(
+            "running up to %s trials at once, each %d worker(s) × %g CPU",
+            concurrency or "all",
+            cfg.resources.workers,
+            cfg.resources.cpus_per_worker,
+        )
         max_steps = max(j["train"]["max_steps"] for j in jobs.values())
         scheduler = EarlyStopping(cfg, max_steps, trials_dir) if cfg.asha.enabled else None
         driver = {"cpu": cfg.resources.driver_cpus, "memory": cfg.resources.driver_memory_mb * 2**20}
         if cfg.resources.driver_on_head:
             driver[HEAD_RESOURCE] = 0.001  # Ray gives the head node 1 of this; 1000 trial drivers fit
-        trainable = tune.with_resources(tune.with_parameters(run_trial, jobs={n: jobs[n] for n in todo},
-                                                             env=forwarded_env()), driver)
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, jobs={n: jobs[n] for n in todo}, env=forwarded_env()), driver
+        )
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search(todo)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, scheduler=scheduler,
-                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-            run_config=tune.RunConfig(name="tune", storage_path=str(root), verbose=1,
-                                      callbacks=[ReportOnTrialEnd(root, specs, cfg.name)]),
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=concurrency,
+                scheduler=scheduler,
+                trial_name_creator=_trial_name,
+                trial_dirname_creator=_trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name="tune", storage_path=str(root), verbose=1, callbacks=[ReportOnTrialEnd(root, specs, cfg.name)]
+            ),
         )
         grid = tuner.fit()
         for result in grid:  # an actor that died with the trial wrote no status; ASHA's stops have theirs
             run_dir = trials_dir / result.config["trial"]
             if result.error is not None and not (run_dir / TRIAL_FILE).is_file():
-                write_json_atomic(run_dir / TRIAL_FILE, {"trial": run_dir.name, "status": "failed",
-                                                         "error": str(result.error)[:4000]})
+                write_json_atomic(
+                    run_dir / TRIAL_FILE, {"trial": run_dir.name, "status": "failed", "error": str(result.error)[:4000]}
+                )
         errors = sum(r.error is not None for r in grid)
         if errors:
             logger.warning("%d trial(s) failed; re-running the sweep retries them (see %s)", errors, trials_dir)

@@ -21,5 +21,13 @@ def get_task(cfg) -> Task:
     return task_class(cfg.task)(cfg)
 
 
-__all__ = ["NoOptions", "Task", "file_kinds", "get_task", "register_task", "task_class", "task_for_file_kind",
-           "task_names"]
+__all__ = [
+    "NoOptions",
+    "Task",
+    "file_kinds",
+    "get_task",
+    "register_task",
+    "task_class",
+    "task_for_file_kind",
+    "task_names",
+]

@@ -76,8 +76,9 @@ class Task:
         entry = get_entry(name)
         if not issubclass(entry.model_cls, cls.model_classes):
             wanted = ", ".join(c.__name__ for c in cls.model_classes)
-            raise ValueError(f"model.name: task '{cls.name}' trains {wanted} models, "
-                             f"'{name}' is a {entry.model_cls.__name__}")
+            raise ValueError(
+                f"model.name: task '{cls.name}' trains {wanted} models, '{name}' is a {entry.model_cls.__name__}"
+            )
 
     # ---- training ---------------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -91,8 +92,16 @@ class Task:
         """An (H, W) or (3, H, W) picture of the last batch for TensorBoard, or None."""
         return None
 
-    def validate(self, model: nn.Module, resolved: Any, rank: int, world_size: int, device: torch.device,
-                 dtype: torch.dtype, split: str = "validation") -> dict[str, Any] | None:
+    def validate(
+        self,
+        model: nn.Module,
+        resolved: Any,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        split: str = "validation",
+    ) -> dict[str, Any] | None:
         """Whole-split evaluation on this rank's share, reduced over ranks; ``{"score": ..., ...}`` or None."""
         return None
 
@@ -100,8 +109,9 @@ class Task:
         """Whether the dataset holds samples of ``split`` (the trainer scores the best model on ``test`` at the end)."""
         return False
 
-    def export(self, state: dict[str, torch.Tensor], resolved: Any, directory: Path,
-               filename: str | None = None) -> list[Path]:
+    def export(
+        self, state: dict[str, torch.Tensor], resolved: Any, directory: Path, filename: str | None = None
+    ) -> list[Path]:
         """Write the consolidated fp32 ``state`` as this task's model file(s) into ``directory``."""
         raise NotImplementedError
 

@@ -35,9 +35,22 @@ class ClassifyTask(FinetuneTask):
         logits = model(batch["image"]).float()
         return self.loss_fn(logits, batch["label"].float().reshape(logits.shape)), logits
 
-    def validate(self, model: nn.Module, resolved: Any, rank: int, world_size: int, device: torch.device,
-                 dtype: torch.dtype, split: str = "validation") -> dict[str, Any]:
-        return evaluate_classification(model, self.val_loader(rank, world_size, split),
-                                       roi=tuple(self.cfg.data.roi_size),
-                                       num_classes=resolved.num_classes, device=device, dtype=dtype,
-                                       class_names=self.label_names(resolved))
+    def validate(
+        self,
+        model: nn.Module,
+        resolved: Any,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        split: str = "validation",
+    ) -> dict[str, Any]:
+        return evaluate_classification(
+            model,
+            self.val_loader(rank, world_size, split),
+            roi=tuple(self.cfg.data.roi_size),
+            num_classes=resolved.num_classes,
+            device=device,
+            dtype=dtype,
+            class_names=self.label_names(resolved),
+        )

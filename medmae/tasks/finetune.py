@@ -39,8 +39,10 @@ class FinetuneTask(Task):
     def manifest(self) -> dict:
         if self._manifest is None:
             if not self.cfg.data.path:
-                raise ValueError("data.path: fine-tuning reads one labelled dataset (its validation split, label names "
-                                 "and preprocessing); data.datasets mixes datasets for pretraining")
+                raise ValueError(
+                    "data.path: fine-tuning reads one labelled dataset (its validation split, label names "
+                    "and preprocessing); data.datasets mixes datasets for pretraining"
+                )
             self._manifest = read_manifest(self.cfg.data.path, self.cfg.data.storage_options)
         return self._manifest
 
@@ -50,8 +52,12 @@ class FinetuneTask(Task):
         if path:
             weights, source_cfg = read_encoder(path)
             report = load_encoder(model, weights, source_cfg)
-            logger.info("initialised the encoder from %s: %d tensors%s", path, report["loaded"],
-                        f", {report['interpolated']}" if report["interpolated"] else "")
+            logger.info(
+                "initialised the encoder from %s: %d tensors%s",
+                path,
+                report["loaded"],
+                f", {report['interpolated']}" if report["interpolated"] else "",
+            )
         return model
 
     def val_loader(self, rank: int, world_size: int, split: str = "validation") -> Any:
@@ -68,12 +74,18 @@ class FinetuneTask(Task):
     def file_kind(self) -> str:
         return self.file_kinds[0]
 
-    def export(self, state: dict[str, torch.Tensor], resolved: Any, directory: Path,
-               filename: str | None = None) -> list[Path]:
+    def export(
+        self, state: dict[str, torch.Tensor], resolved: Any, directory: Path, filename: str | None = None
+    ) -> list[Path]:
         path = save_finetuned(
-            directory / (filename or "model.safetensors"), state, model_name=self.cfg.model["name"],
-            model_config=to_dict(resolved), task=self.file_kind(), preprocessing=self.manifest["preprocessing"],
-            num_classes=resolved.num_classes, label_names=self.label_names(resolved),
+            directory / (filename or "model.safetensors"),
+            state,
+            model_name=self.cfg.model["name"],
+            model_config=to_dict(resolved),
+            task=self.file_kind(),
+            preprocessing=self.manifest["preprocessing"],
+            num_classes=resolved.num_classes,
+            label_names=self.label_names(resolved),
             roi_size=list(self.cfg.data.roi_size),
         )
         return [path]

@@ -36,6 +36,7 @@ class PretrainTask(Task):
         mask_imgs = model.unpatchify(mask[:1].detach().float().unsqueeze(-1).expand(-1, -1, patch_voxels))
         return reconstruction_panel(imgs[0], model.unpatchify(pred)[0], mask_imgs[0])
 
-    def export(self, state: dict[str, torch.Tensor], resolved: Any, directory: Path,
-               filename: str | None = None) -> list[Path]:
+    def export(
+        self, state: dict[str, torch.Tensor], resolved: Any, directory: Path, filename: str | None = None
+    ) -> list[Path]:
         return [save_encoder(state, resolved.encoder_dict(), directory / (filename or "encoder.safetensors"))]

@@ -73,8 +73,7 @@ class SegmentTask(FinetuneTask):
         if self.regions:
             self.loss_fn = RegionLoss(bce=self.opts.region_loss == "dice_bce")
         else:
-            self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, smooth_nr=0.0, smooth_dr=1e-5,
-                                      squared_pred=True)
+            self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, smooth_nr=0.0, smooth_dr=1e-5, squared_pred=True)
 
     def file_kind(self) -> str:
         return "segment_regions" if self.regions else "segment"
@@ -87,18 +86,34 @@ class SegmentTask(FinetuneTask):
         target = brats_regions(batch["label"]) if self.regions else batch["label"]
         return self.loss_fn(logits, target), logits
 
-    def validate(self, model: nn.Module, resolved: Any, rank: int, world_size: int, device: torch.device,
-                 dtype: torch.dtype, split: str = "validation") -> dict[str, Any]:
+    def validate(
+        self,
+        model: nn.Module,
+        resolved: Any,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        split: str = "validation",
+    ) -> dict[str, Any]:
         if self.regions and resolved.num_classes != 3:
-            raise ValueError(f"model.num_classes: BraTS regions need 3 outputs (WT, TC, ET), "
-                             f"got {resolved.num_classes}")
+            raise ValueError(
+                f"model.num_classes: BraTS regions need 3 outputs (WT, TC, ET), got {resolved.num_classes}"
+            )
         names = self.label_names(resolved)
         evaluated = names if self.regions else names[1:]  # background is not scored
         return evaluate_segmentation(
-            model, self.val_loader(rank, world_size, split), roi=tuple(self.cfg.data.roi_size),
-            num_classes=resolved.num_classes, regions=self.regions, device=device, dtype=dtype,
-            sw_batch=self.opts.sw_batch, overlap=self.opts.sw_overlap,
-            class_names=None if self.regions else evaluated, score_classes=self.score_indices(evaluated),
+            model,
+            self.val_loader(rank, world_size, split),
+            roi=tuple(self.cfg.data.roi_size),
+            num_classes=resolved.num_classes,
+            regions=self.regions,
+            device=device,
+            dtype=dtype,
+            sw_batch=self.opts.sw_batch,
+            overlap=self.opts.sw_overlap,
+            class_names=None if self.regions else evaluated,
+            score_classes=self.score_indices(evaluated),
         )
 
     def score_indices(self, evaluated: list[str]) -> list[int] | None:
@@ -109,8 +124,10 @@ class SegmentTask(FinetuneTask):
         for c in self.opts.score_classes:
             i = c - 1 if isinstance(c, int) else (evaluated.index(c) if c in evaluated else -1)
             if not 0 <= i < len(evaluated):
-                raise ValueError(f"finetune.score_classes: {c!r} is not an evaluated class of this model; classes "
-                                 f"1..{len(evaluated)}: {', '.join(evaluated)}")
+                raise ValueError(
+                    f"finetune.score_classes: {c!r} is not an evaluated class of this model; classes "
+                    f"1..{len(evaluated)}: {', '.join(evaluated)}"
+                )
             out.append(i)
         return out
 

@@ -30,8 +30,9 @@ def sections_help() -> str:
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=description, epilog=sections_help(),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=description, epilog=sections_help(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config", help="YAML file with the values that differ from the defaults")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.base_lr=1e-4")
     return ap

@@ -133,8 +133,13 @@ class Derived:
     lr: float
 
     def as_dict(self) -> dict[str, Any]:
-        return {"world_size": self.world_size, "micro_batch": self.micro_batch, "grad_accum": self.grad_accum,
-                "global_batch": self.global_batch, "lr": self.lr}
+        return {
+            "world_size": self.world_size,
+            "micro_batch": self.micro_batch,
+            "grad_accum": self.grad_accum,
+            "global_batch": self.global_batch,
+            "lr": self.lr,
+        }
 
 
 def derive(cfg: JobConfig, world_size: int) -> Derived:
@@ -153,5 +158,10 @@ def derive(cfg: JobConfig, world_size: int) -> Derived:
             + "choose a global batch divisible by every worker count the run may use"
         )
     lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * global_batch / 256
-    return Derived(world_size=world_size, micro_batch=micro, grad_accum=global_batch // (micro * world_size),
-                   global_batch=global_batch, lr=lr)
+    return Derived(
+        world_size=world_size,
+        micro_batch=micro,
+        grad_accum=global_batch // (micro * world_size),
+        global_batch=global_batch,
+        lr=lr,
+    )

@@ -20,17 +20,26 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def segment_volume(model: torch.nn.Module, image: torch.Tensor, roi: tuple[int, ...], *, sw_batch: int,
-                   overlap: float, dtype: torch.dtype) -> torch.Tensor:
+def segment_volume(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    roi: tuple[int, ...],
+    *,
+    sw_batch: int,
+    overlap: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """``(1, C, *S)`` -> logits ``(1, K, *S)`` in fp32, Gaussian-weighted windows of ``roi``."""
+
     def predict(x: torch.Tensor) -> torch.Tensor:
         return model(x.to(dtype)).float()
 
     return sliding_window_inference(image, roi, sw_batch, predict, overlap=overlap, mode="gaussian")
 
 
-def _per_class_scores(pred: torch.Tensor, target: torch.Tensor,
-                      spacing: list[float]) -> list[tuple[float, float] | None]:
+def _per_class_scores(
+    pred: torch.Tensor, target: torch.Tensor, spacing: list[float]
+) -> list[tuple[float, float] | None]:
     """Binary ``(K, *S)`` masks of one volume -> per class ``(dice, hd95_mm)``, or None where the class is absent.
 
     Empty cases, as the segmentation benchmarks score them: ground truth and prediction both empty -> absent (not a
@@ -55,8 +64,13 @@ def _per_class_scores(pred: torch.Tensor, target: torch.Tensor,
         if p_any and t_any:
             both.append(c)
     if both:
-        hd = compute_hausdorff_distance(pred[both][None].float(), target[both][None].float(), include_background=True,
-                                        percentile=95, spacing=list(spacing))[0]
+        hd = compute_hausdorff_distance(
+            pred[both][None].float(),
+            target[both][None].float(),
+            include_background=True,
+            percentile=95,
+            spacing=list(spacing),
+        )[0]
         for c, v in zip(both, hd.tolist()):
             dice_c = out[c]
             assert dice_c is not None  # both masks are non-empty here
@@ -144,8 +158,14 @@ def evaluate_segmentation(
 
 
 def evaluate_classification(
-    model: torch.nn.Module, loader: Any, *, roi: tuple[int, ...], num_classes: int, device: torch.device,
-    dtype: torch.dtype, class_names: list[str] | None = None,
+    model: torch.nn.Module,
+    loader: Any,
+    *,
+    roi: tuple[int, ...],
+    num_classes: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    class_names: list[str] | None = None,
 ) -> dict[str, Any]:
     """AUC per label and its mean over labels that have both classes in the validation set.
 
@@ -163,21 +183,27 @@ def evaluate_classification(
             if tuple(image.shape[2:]) != tuple(roi):
                 mode = "bilinear" if len(roi) == 2 else "trilinear"
                 # the same resize prediction applies (medmae.inference), so validation scores what users get
-                image = torch.nn.functional.interpolate(image.float(), size=roi, mode=mode, align_corners=False,
-                                                        antialias=len(roi) == 2)
+                image = torch.nn.functional.interpolate(
+                    image.float(), size=roi, mode=mode, align_corners=False, antialias=len(roi) == 2
+                )
             scores.append(model(image.to(dtype)).float().sigmoid().reshape(-1, num_classes).cpu())
             labels.append(batch["label"].float().reshape(-1, num_classes).cpu())
     model.train(was_training)
-    local = (torch.cat(scores) if scores else torch.zeros(0, num_classes),
-             torch.cat(labels) if labels else torch.zeros(0, num_classes))
+    local = (
+        torch.cat(scores) if scores else torch.zeros(0, num_classes),
+        torch.cat(labels) if labels else torch.zeros(0, num_classes),
+    )
     gathered = all_gather_objects((local[0].numpy(), local[1].numpy()))
     y_score = np.concatenate([g[0] for g in gathered])
     y_true = np.concatenate([g[1] for g in gathered])
     aucs = {}
     for i, name in enumerate(names):
         t = y_true[:, i]
-        aucs[name] = (float(compute_roc_auc(torch.from_numpy(y_score[:, i]), torch.from_numpy(t)))
-                      if 0 < t.sum() < len(t) else float("nan"))
+        aucs[name] = (
+            float(compute_roc_auc(torch.from_numpy(y_score[:, i]), torch.from_numpy(t)))
+            if 0 < t.sum() < len(t)
+            else float("nan")
+        )
     defined = [v for v in aucs.values() if np.isfinite(v)]
     mean = float(np.mean(defined)) if defined else float("nan")
     return {"score": mean, "mean_auc": mean, "auc": aucs, "images": int(len(y_true))}

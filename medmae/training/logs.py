@@ -31,8 +31,9 @@ def setup_logging(rank: int, level: int = logging.INFO) -> None:
     root.setLevel(level if rank == 0 else max(level, logging.WARNING))
     root.propagate = False
     # DeepSpeed 0.19 gathers through this deprecated torch alias; the warning is about its code, not ours.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-                            category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated", category=FutureWarning
+    )
 
 
 class Board:
@@ -142,6 +143,7 @@ def reconstruction_panel(imgs: torch.Tensor, pred_imgs: torch.Tensor, mask_imgs:
 
     All three ``(C, *S)`` tensors of one sample; ``mask_imgs`` is 1 where hidden. Returns (H, 3W) in [0, 1].
     """
+
     def mid(t: torch.Tensor) -> np.ndarray:
         t = t[0].float()  # first channel
         return (t[t.shape[0] // 2] if t.ndim == 3 else t).cpu().numpy()

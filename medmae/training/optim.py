@@ -22,8 +22,9 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     """Optimizer groups with ``weight_decay`` and, under layer decay, ``lr_scale`` (applied by ``Engine.set_lr``)."""
     skip = sorted(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else []
     if layer_decay < 1.0:
-        return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip,
-                                        layer_decay=layer_decay)
+        return param_groups_layer_decay(
+            model, weight_decay=weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay
+        )
     return param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip)
 
 
@@ -39,8 +40,9 @@ def adamw_kwargs(device_type: str) -> dict[str, Any]:
 def build_optimizer(model: nn.Module, cfg: Any, lr: float, device_type: str) -> torch.optim.Optimizer:
     """AdamW over ``model``'s groups from ``cfg`` (an ``OptimConfig``), starting at ``lr``."""
     groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                             **adamw_kwargs(device_type))
+    return torch.optim.AdamW(
+        groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **adamw_kwargs(device_type)
+    )
 
 
 def lr_at(step: int, *, peak: float, warmup: int, total: int, floor: float = 0.0) -> float:

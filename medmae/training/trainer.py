@@ -63,16 +63,27 @@ class Trainer:
         self.run_dir = run_dir_of(cfg)
         self.derived = derive(cfg, self.world_size)
         if self.derived.micro_batch != cfg.train.micro_batch and self.rank == 0:
-            logger.warning("train.micro_batch %d does not divide global batch %d over %d workers: using %d x %d "
-                           "accumulation", cfg.train.micro_batch, self.derived.global_batch, self.world_size,
-                           self.derived.micro_batch, self.derived.grad_accum)
+            logger.warning(
+                "train.micro_batch %d does not divide global batch %d over %d workers: using %d x %d accumulation",
+                cfg.train.micro_batch,
+                self.derived.global_batch,
+                self.world_size,
+                self.derived.micro_batch,
+                self.derived.grad_accum,
+            )
         self.model_cfg = cfg.model_config()
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         model = self.task.build_model()
         model.set_grad_checkpointing(cfg.train.grad_checkpointing)
         optimizer = build_optimizer(model, cfg.optim, self.derived.lr, resolve_device().type)
-        self.engine = create_engine(model, optimizer, cfg.dist, micro_batch=self.derived.micro_batch,
-                                    grad_accum=self.derived.grad_accum, grad_clip=cfg.optim.grad_clip)
+        self.engine = create_engine(
+            model,
+            optimizer,
+            cfg.dist,
+            micro_batch=self.derived.micro_batch,
+            grad_accum=self.derived.grad_accum,
+            grad_clip=cfg.optim.grad_clip,
+        )
         self.device = self.engine.device
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed crop and window sizes: UNETR's 3-D convolutions tune once
@@ -81,18 +92,31 @@ class Trainer:
         # Built once: its workers and resident volumes live for the whole run. On CUDA the crops come out in the
         # compute dtype straight from the crop kernel; on a CPU that cast costs more there than in the model.
         self.data = build_train_stream(
-            cfg.data, batch_size=self.derived.micro_batch, rank=self.rank, world_size=self.world_size,
-            seed=cfg.run.seed, with_labels=self.task.with_labels, device=self.device,
+            cfg.data,
+            batch_size=self.derived.micro_batch,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=cfg.run.seed,
+            with_labels=self.task.with_labels,
+            device=self.device,
             dtype=self.engine.dtype if self.device.type == "cuda" else torch.float32,
         )
         self.step = 0
         self._best_state: dict[str, torch.Tensor] = {}
         self.board = Board(self.run_dir, self.rank)
-        self.results: dict[str, Any] = {"task": cfg.task, "metric": self.task.metric,
-                                        "metric_groups": list(self.task.metric_groups), "best": None, "history": []}
+        self.results: dict[str, Any] = {
+            "task": cfg.task,
+            "metric": self.task.metric,
+            "metric_groups": list(self.task.metric_groups),
+            "best": None,
+            "history": [],
+        }
         if self.rank == 0:
-            save_config(cfg, self.run_dir / "config.yaml", extra={"derived": self.derived.as_dict(),
-                                                                 "model_resolved": to_dict(self.model_cfg)})
+            save_config(
+                cfg,
+                self.run_dir / "config.yaml",
+                extra={"derived": self.derived.as_dict(), "model_resolved": to_dict(self.model_cfg)},
+            )
             logger.info("run %s: %s", self.run_dir, self.derived.as_dict())
         self.resume()
         if self.rank == 0:  # one line per (re)start: where an elastic run resized or restarted, at what batch split
@@ -101,8 +125,13 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------------------------
     def client_state(self) -> dict[str, Any]:
-        return {"step": self.step, "model_name": self.cfg.model["name"], "model": to_dict(self.model_cfg),
-                "global_batch": self.derived.global_batch, "results": self.results}
+        return {
+            "step": self.step,
+            "model_name": self.cfg.model["name"],
+            "model": to_dict(self.model_cfg),
+            "global_batch": self.derived.global_batch,
+            "results": self.results,
+        }
 
     def resume(self) -> None:
         ckpt = latest_checkpoint_dir(self.run_dir / "checkpoints")
@@ -125,8 +154,13 @@ class Trainer:
             logger.info("no saved random state for rank %d: a fresh stream from (seed, rank, step)", self.rank)
         elif record.get("data"):
             self.data.load_state_dict(record["data"])  # the stream continues its epoch where it was
-        logger.info("resumed from %s at step %d (written with global batch %s, now %d)", ckpt, self.step,
-                    state.get("global_batch"), self.derived.global_batch)
+        logger.info(
+            "resumed from %s at step %d (written with global batch %s, now %d)",
+            ckpt,
+            self.step,
+            state.get("global_batch"),
+            self.derived.global_batch,
+        )
 
     def save_checkpoint(self, metrics: dict[str, float], final: bool = False) -> None:
         """Every rank writes its shard and its random state; under Ray the files become the reported checkpoint."""
@@ -163,8 +197,9 @@ class Trainer:
     # ---- validation -------------------------------------------------------------------------------------------------
     def validate(self) -> dict[str, Any] | None:
         """Whole-volume validation on every rank's share; logs, updates results.json and the best model."""
-        res = self.task.validate(self.engine.module, self.model_cfg, self.rank, self.world_size, self.device,
-                                 self.engine.dtype)
+        res = self.task.validate(
+            self.engine.module, self.model_cfg, self.rank, self.world_size, self.device, self.engine.dtype
+        )
         if res is None:
             return None
         res = {"step": self.step, **res}
@@ -181,8 +216,13 @@ class Trainer:
                 self._best_state = best_state
         if self.rank == 0:
             write_json_atomic(self.run_dir / "results.json", self.results)
-            logger.info("validation at step %d: score %.4f (best %.4f at step %d)", self.step, res["score"],
-                        self.results["best"]["score"], self.results["best"]["step"])
+            logger.info(
+                "validation at step %d: score %.4f (best %.4f at step %d)",
+                self.step,
+                res["score"],
+                self.results["best"]["score"],
+                self.results["best"]["step"],
+            )
         return res
 
     def test(self) -> dict[str, Any] | None:
@@ -200,8 +240,9 @@ class Trainer:
             for name, value in self.engine.module.state_dict().items():
                 incoming = best[name].to(value.device, value.dtype) if self.rank == 0 else torch.empty_like(value)
                 value.copy_(broadcast_(incoming))
-        res = self.task.validate(self.engine.module, self.model_cfg, self.rank, self.world_size, self.device,
-                                 self.engine.dtype, split="test")
+        res = self.task.validate(
+            self.engine.module, self.model_cfg, self.rank, self.world_size, self.device, self.engine.dtype, split="test"
+        )
         if res is None:
             return None
         res = {"step": self.results["best"]["step"], **res}
@@ -215,8 +256,13 @@ class Trainer:
     # ---- training ---------------------------------------------------------------------------------------------------
     def train_step(self, data: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
         """One optimizer step over ``grad_accum`` micro-batches. Returns the last micro-batch and its outputs too."""
-        lr = lr_at(self.step, peak=self.derived.lr, warmup=self.cfg.optim.warmup_steps,
-                   total=self.cfg.train.max_steps, floor=self.cfg.optim.min_lr)
+        lr = lr_at(
+            self.step,
+            peak=self.derived.lr,
+            warmup=self.cfg.optim.warmup_steps,
+            total=self.cfg.train.max_steps,
+            floor=self.cfg.optim.min_lr,
+        )
         self.engine.set_lr(lr)
         total = torch.zeros((), device=self.device)
         for _ in range(self.derived.grad_accum):
@@ -252,8 +298,9 @@ class Trainer:
         peak = peak_flops(self.device, self.engine.dtype)
         metrics: dict[str, float] = {}
         if self.step >= cfg.train.max_steps:
-            logger.info("run already complete at step %d (train.max_steps=%d): exporting only", self.step,
-                        cfg.train.max_steps)
+            logger.info(
+                "run already complete at step %d (train.max_steps=%d): exporting only", self.step, cfg.train.max_steps
+            )
             self.export()
             self.data.close()
             self.board.close()
@@ -268,8 +315,10 @@ class Trainer:
             if self.step % cfg.run.log_every == 0 or self.step in (1, cfg.train.max_steps):
                 dt = (time.perf_counter() - t0) / steps_in_interval
                 metrics = {
-                    "loss": mean_over_ranks(loss_sum / steps_in_interval), "lr": out["lr"],
-                    "grad_norm": self.engine.grad_norm(), "step_time_s": dt,
+                    "loss": mean_over_ranks(loss_sum / steps_in_interval),
+                    "lr": out["lr"],
+                    "grad_norm": self.engine.grad_norm(),
+                    "step_time_s": dt,
                     "volumes_per_s": self.derived.global_batch / dt,
                     "tokens_per_s": self.derived.global_batch * self.model_cfg.num_patches / dt,
                     "memory_gib": memory_gib(self.device),
@@ -277,8 +326,13 @@ class Trainer:
                 if peak:
                     metrics["mfu"] = flops / dt / (peak * self.world_size)
                 # one metrics.jsonl line per logged step: the step's training scalars and the data stream's counters
-                self.board.scalars({**{f"train/{k}": v for k, v in metrics.items()},
-                                    **{f"data/{k}": v for k, v in self.data.stats().items()}}, self.step)
+                self.board.scalars(
+                    {
+                        **{f"train/{k}": v for k, v in metrics.items()},
+                        **{f"data/{k}": v for k, v in self.data.stats().items()},
+                    },
+                    self.step,
+                )
                 if self.rank == 0:
                     progress.update(self.step - 1, metrics)
                 t0 = time.perf_counter()

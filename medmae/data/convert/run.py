@@ -150,8 +150,9 @@ def _worker_main(tasks, results, initargs: tuple[Any, ...]) -> None:
     """Worker process: convert specs from ``tasks`` until ``None``, writing its own shards and reporting each one
     it closes; then close the open ones."""
     opts, output, spatial_dims, channels, num_labels, numbers = initargs
-    _init_worker(opts, output, spatial_dims, channels, num_labels, numbers,
-                 report_shard=lambda info: results.put((-2, info)))
+    _init_worker(
+        opts, output, spatial_dims, channels, num_labels, numbers, report_shard=lambda info: results.put((-2, info))
+    )
     for i, spec in iter(tasks.get, None):
         results.put((i, _work(spec)))
     _close_writers()
