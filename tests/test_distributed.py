@@ -175,6 +175,8 @@ def test_single_process_engine_trains_saves_and_loads(tmp_path, monkeypatch, sta
         grad_clip=1.0,
     )
     assert (engine.rank, engine.world_size, engine.device.type) == (0, 1, "cpu")
+    # The world of one holds its rendezvous port; child processes must not inherit it as theirs.
+    assert not {"WORLD_SIZE", "MASTER_PORT", "RANK"} & set(os.environ)
     x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
     y = x.sum(1, keepdim=True)
     losses, boundaries = [], []

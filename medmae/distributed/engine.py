@@ -63,13 +63,17 @@ def init_process_group(backend: str = "auto") -> tuple[int, int]:
     """
     deepspeed = import_deepspeed()
     if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:  # plain single process: make the env:// rendezvous trivially satisfiable
-            os.environ.update(
-                RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
-            )
+        kwargs: dict[str, Any] = {}
+        if "WORLD_SIZE" not in os.environ:
+            # A plain single process: a world of one on a private port, passed as arguments rather than written
+            # into os.environ, where every child process (tests, tools, launchers) would inherit a port we hold.
+            kwargs = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
         os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
         deepspeed.init_distributed(
-            dist_backend=resolve_backend(backend, resolve_device().type), auto_mpi_discovery=False, verbose=False
+            dist_backend=resolve_backend(backend, resolve_device().type),
+            auto_mpi_discovery=False,
+            verbose=False,
+            **kwargs,
         )
     else:
         # DeepSpeed insists on LOCAL_RANK; Ray sets it, a hand-made single-node group may not.
