@@ -78,7 +78,7 @@ def _ranges(cls: type) -> tuple[tuple[str, Range], ...]:
 
 def check_ranges(cfg: Any) -> None:
     """``ValueError`` naming the first field of dataclass ``cfg`` outside its declared :class:`Range`."""
-    for name, bounds in _ranges(type(cfg)):
+    for name, bounds in _ranges(type(cfg)):  # type: ignore[arg-type]  # classes hash by identity
         value = getattr(cfg, name)
         items = value if isinstance(value, (list, tuple)) else [value]
         if any(x is not None and not bounds.holds(x) for x in items):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,7 +113,9 @@ def build_train_loader(
             )
     if cfg.crop == "pos_neg" and manifest["task"] != "segmentation":
         raise ValueError(f"data.crop: 'pos_neg' needs a segmentation dataset, {cfg.path} is '{manifest['task']}'")
-    common = dict(batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, with_labels=with_labels)
+    common: dict[str, Any] = dict(
+        batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, with_labels=with_labels
+    )
     if cfg.format == "wds":
         counters = SkipCounters()
         dataset = WdsTrainStream(cfg, manifest, set(keys), counters=counters, **common)
@@ -135,7 +138,7 @@ class ValDataset(Dataset):
 
     def __init__(self, cfg: DataConfig, manifest: dict, samples: list[dict]):
         self.cfg, self.samples, self.task = cfg, samples, manifest["task"]
-        self._root = None
+        self._root: Any = None
 
     def __len__(self) -> int:
         return len(self.samples)

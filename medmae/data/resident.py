@@ -160,11 +160,13 @@ class ResidentSet:
             offset = self._place(n)
             slot = self.free.pop()
         else:
+            assert slot is not None, "an exact placement names both slot and offset"
             self.free.remove(slot)
         c = self.channels
         self.image[c * offset : c * (offset + n)].copy_(image.reshape(-1), non_blocking=True)
         label = item.get("label")
         if self.label is not None:
+            assert label is not None, "a labelled resident set gets labelled volumes"
             self.label[offset : offset + n].copy_(label.reshape(-1), non_blocking=True)
         elif self.targets is not None:
             self.targets[slot].copy_(label, non_blocking=True)
@@ -272,7 +274,7 @@ class ResidentSet:
             img, lv = self._views(slot)
             k = int(p.rot[i])
             self._place_crop(out[i], img[:, x : x + rx, y : y + ry, z : z + rz], p.flip[i], k)
-            if lab is not None:
+            if lab is not None and lv is not None:
                 self._place_crop(lab[i], lv[:, x : x + rx, y : y + ry, z : z + rz], p.flip[i], k)
         self._intensity(p, out)
         return out, lab
@@ -298,6 +300,7 @@ class ResidentSet:
             1,
         ).astype(np.int64)
         base, cs, sx, sy, z0, lbase, combo_t, x0, y0 = self._to_device(host).unbind(1)
+        assert self._tables is not None, "built for the indexing gather"
         tx, ty = self._tables
         v = lambda t: t.view(b, 1, 1)  # noqa: E731
         rows = (v(x0) + tx[combo_t]) * v(sx) + (v(y0) + ty[combo_t]) * v(sy) + v(z0)  # (B, rx, ry)
@@ -329,6 +332,7 @@ class ResidentSet:
         ``grid_sample`` batch would alias where the box shrinks by 4x)."""
         b, (rh, rw, _) = len(p.slot), self.roi
         out = torch.empty((b, self.channels, rh, rw, 1), dtype=dtype, device=self.device)
+        assert p.size is not None, "resized crops carry their box sizes"
         for i, (slot, (top, left, _), (h, w)) in enumerate(zip(p.slot.tolist(), p.start.tolist(), p.size.tolist())):
             img, _ = self._views(slot)
             patch = img[None, :, top : top + h, left : left + w, 0].float()

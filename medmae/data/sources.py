@@ -17,6 +17,7 @@ import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
@@ -101,7 +102,7 @@ def resolve_sources(cfg: DataConfig, with_labels: bool) -> list[Source]:
         if cfg.crop == "pos_neg" and manifest["task"] != "segmentation":
             raise ValueError(f"data.crop: 'pos_neg' needs a segmentation dataset, {spec.path} is '{manifest['task']}'")
         if cfg.format == "wds":
-            by_shard: dict[str, list[str]] = {}
+            by_shard: dict[str, list[dict]] = {}
             for s in manifest["samples"]:  # manifest order within a shard is not stored order: sort by offset
                 if s["key"] in wanted:
                     by_shard.setdefault(s["shard"], []).append(s)
@@ -179,7 +180,7 @@ class VolumeSource(IterableDataset):
         self.start: dict[int, dict] = {}  # worker id -> position to resume from (set before the workers start)
         self.preload: list[tuple[int, str]] = []
         self.stream = True  # False: the workers stop after the preload (every volume resident, no refill)
-        self._roots: dict[int, object] = {}
+        self._roots: dict[int, Any] = {}
 
     # ---- order ----------------------------------------------------------------------------------------------------
     def unit_order(self, d: int, epoch: int, worker: int, num_workers: int) -> list[int]:

@@ -27,6 +27,7 @@ import os
 import time
 from collections import deque
 from pathlib import PurePosixPath
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,7 +97,7 @@ class TrainStream:
         self.positions: dict[int, dict] = {}
         self.crops = np.zeros(len(sources), dtype=np.int64)
         self.wait_s = 0.0
-        self._it = None
+        self._it: Any = None
         self.started = False
         self._pending: dict[int, deque] = {w: deque() for w in range(self.num_workers)}
         self._restore: dict | None = None
@@ -122,6 +123,7 @@ class TrainStream:
 
     def _pull(self) -> dict:
         t = time.perf_counter()
+        assert self._it is not None, "the loader starts at the first batch"
         item = next(self._it)
         self.wait_s += time.perf_counter() - t
         return item
@@ -216,6 +218,9 @@ class TrainStream:
                 out[f"epoch/{n}"] = float(max(epochs))
         return out
 
+    def __next__(self) -> dict[str, torch.Tensor]:  # the two crop paths define it
+        raise NotImplementedError
+
     def __iter__(self) -> TrainStream:
         return self
 
@@ -249,26 +254,31 @@ def build_train_stream(
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank: must be in [0, world_size={world_size}), got {rank}")
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    where = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if where.type == "cuda" and where.index is None:
+        where = torch.device("cuda", torch.cuda.current_device())
     sources = resolve_sources(cfg, with_labels)
-    mode = resolve_loader(cfg, device)
+    mode = resolve_loader(cfg, where)
     first = sources[0].manifest
     task = first["task"]
     if with_labels and cfg.crop == "resized" and task == "segmentation":
         raise ValueError("data.crop: 'resized' crops carry no segmentation labels; use random or pos_neg")
     image_dtype = first["preprocessing"].get("image_dtype") or "float16"
     counters = SkipCounters()
-    common = dict(rank=rank, world_size=world_size, seed=seed, with_labels=with_labels, counters=counters)
-    kw = dict(batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, device=device, counters=counters)
+    common: dict[str, Any] = dict(
+        rank=rank, world_size=world_size, seed=seed, with_labels=with_labels, counters=counters
+    )
+    kw: dict[str, Any] = dict(
+        batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, device=where, counters=counters
+    )
+    stream: TrainStream
     if mode == "stream":
         source = VolumeSource(cfg, sources, image_dtype=image_dtype, pad=False, **common)
         stream = CropStream(cfg, sources, WorkerCrops(source, cfg, task, batch_size), dtype=dtype, **kw)
     else:
         source = VolumeSource(cfg, sources, image_dtype=image_dtype, pad=cfg.crop != "resized", **common)
         lws = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        budget = resident_budget_bytes(cfg, device, lws)
+        budget = resident_budget_bytes(cfg, where, lws)
         stream = build_resident_stream(cfg, sources, source, budget=budget, with_labels=with_labels, dtype=dtype, **kw)
     log.info(
         "train stream (%s) on %s: %s, batch %d, %d workers",

@@ -33,7 +33,7 @@ class ModelEntry:
         defaults = self.defaults()
         values = {**defaults, **overrides}
         if "img_size" in overrides:
-            dims = len(defaults.get("img_size", self.config_cls.img_size))
+            dims = len(defaults.get("img_size") or getattr(self.config_cls, "img_size"))  # noqa: B009
             values["img_size"] = broadcast_size(overrides["img_size"], dims)
         return from_dict(self.config_cls, values, prefix=_prefix)
 

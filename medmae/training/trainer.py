@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from medmae.config import from_dict, save_config, to_dict
-from medmae.data import build_train_stream
+from medmae.data import TrainStream, build_train_stream
 from medmae.distributed import (
     broadcast_,
     checkpoint_dir,
@@ -254,7 +253,7 @@ class Trainer:
         return res
 
     # ---- training ---------------------------------------------------------------------------------------------------
-    def train_step(self, data: Iterator[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    def train_step(self, data: TrainStream) -> dict[str, Any]:
         """One optimizer step over ``grad_accum`` micro-batches. Returns the last micro-batch and its outputs too."""
         lr = lr_at(
             self.step,
