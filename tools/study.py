@@ -36,9 +36,17 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a clone without installing
+
+from medmae.config import load_config  # noqa: E402
+from medmae.sweep import SweepConfig, expand_grid  # noqa: E402  (no Ray import: grid and report helpers only)
+from medmae.sweep.report import read_trial_status  # noqa: E402
+
 # Lines of the launchers' output worth showing live; everything goes to runs/study/logs/<stage>.log.
-SHOW = re.compile(r"medmae\.progress|validation at step|subject \d+|converted|sweep .* trials|ASHA|config error|"
-                  r"Traceback|Error|error:|exported .*encoder")
+SHOW = re.compile(
+    r"medmae\.progress|validation at step|subject \d+|converted|sweep .* trials|ASHA|config error|"
+    r"Traceback|Error|error:|exported .*encoder"
+)
 # Ray Train's placement-group cleaner polls the state API, which fails when several Ray instances run on one machine
 # (other users'): harmless, and it would flood the screen.
 NOISE = re.compile(r"PlacementGroupCleaner|Failed to query Ray Train Controller")
@@ -70,8 +78,9 @@ def run_stage(name: str, cmd: list[str], log_dir: Path, env: dict[str, str]) -> 
     print(f"    $ {' '.join(cmd)}\n    (full output: {log_path})", flush=True)
     with open(log_path, "a", buffering=1) as log:  # line-buffered: the log is current while the stage runs
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                bufsize=1)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
         for line in proc.stdout:
             log.write(line)
             if SHOW.search(line) and not NOISE.search(line):
@@ -79,8 +88,9 @@ def run_stage(name: str, cmd: list[str], log_dir: Path, env: dict[str, str]) -> 
         status = proc.wait()
     if status:
         tail = log_path.read_text().splitlines()[-TAIL_ON_FAILURE:]
-        print("\n".join(["", f"stage {name} failed (exit {status}); last lines of {log_path}:", *tail]),
-              file=sys.stderr)
+        print(
+            "\n".join(["", f"stage {name} failed (exit {status}); last lines of {log_path}:", *tail]), file=sys.stderr
+        )
         raise SystemExit(status)
 
 
@@ -96,12 +106,17 @@ def paired_table(rows: list[dict], pool: int) -> tuple[list[str], dict]:
             by[(float(r["train_fraction"]), r["init"], float(r["lr"]), int(r["seed"]))] = float(r["score"])
     lines, stats = [], {}
     for frac in sorted({k[0] for k in by}):
-        seeds = sorted({k[3] for k in by if k[0] == frac and k[1] == "mae"}
-                       & {k[3] for k in by if k[0] == frac and k[1] == "scratch"})
+        seeds = sorted(
+            {k[3] for k in by if k[0] == frac and k[1] == "mae"}
+            & {k[3] for k in by if k[0] == frac and k[1] == "scratch"}
+        )
         lrs = sorted({k[2] for k in by if k[0] == frac})
         for lr in lrs:
-            pairs = [(by[(frac, "scratch", lr, s)], by[(frac, "mae", lr, s)]) for s in seeds
-                     if (frac, "scratch", lr, s) in by and (frac, "mae", lr, s) in by]
+            pairs = [
+                (by[(frac, "scratch", lr, s)], by[(frac, "mae", lr, s)])
+                for s in seeds
+                if (frac, "scratch", lr, s) in by and (frac, "mae", lr, s) in by
+            ]
             if not pairs:
                 continue
             a = np.asarray(pairs)
@@ -113,23 +128,44 @@ def paired_table(rows: list[dict], pool: int) -> tuple[list[str], dict]:
 
             wins = int((d > 0).sum())
             budget = round(frac * pool)
-            stats[(budget, lr)] = {"n": n, "delta_mean": float(d.mean()), "delta_std": float(d.std(ddof=1)) if n > 1
-                                   else 0.0, "wins": wins}
-            lines.append(f"| {budget} | {lr:g} | {ms(a[:, 0])} | {ms(a[:, 1])} | **{d.mean():+.3f} ± "
-                         f"{d.std(ddof=1) if n > 1 else 0.0:.3f}** | {wins}/{n} | {n} |")
+            stats[(budget, lr)] = {
+                "n": n,
+                "delta_mean": float(d.mean()),
+                "delta_std": float(d.std(ddof=1)) if n > 1 else 0.0,
+                "wins": wins,
+            }
+            lines.append(
+                f"| {budget} | {lr:g} | {ms(a[:, 0])} | {ms(a[:, 1])} | **{d.mean():+.3f} ± "
+                f"{d.std(ddof=1) if n > 1 else 0.0:.3f}** | {wins}/{n} | {n} |"
+            )
     return lines, stats
 
 
+def _manifest_complete(folder: Path) -> bool:
+    try:
+        return bool(json.loads((folder / "manifest.json").read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def _sweep_finished(cfg: SweepConfig, sweep_dir: Path) -> bool:
+    """Every trial of the grid done (or stopped by ASHA): the statuses launch/sweep.py does not repeat."""
+    return all(
+        read_trial_status(sweep_dir / "trials" / spec.name)["status"] in ("done", "stopped")
+        for spec in expand_grid(cfg)
+    )
+
+
 def _timing_row(stage: str, t: dict) -> str:
-    if t.get("skipped"):
-        return f"| {stage} | skipped (done by an earlier run) | |"
+    if t["wall_s"] is None:
+        return f"| {stage} | (done before timings were kept) | |"
     return f"| {stage} | {t['wall_s']:.0f} | {t['load']:.1f} |"
 
 
 def write_summary(out: Path, sweep_dir: Path, pool: int, held_out: int, timings: dict, command: str) -> Path:
     rows = list(csv.DictReader(open(sweep_dir / "results.csv")))
     table, _ = paired_table(rows, pool)
-    total = sum(t["wall_s"] for t in timings.values())
+    total = sum(t["wall_s"] or 0.0 for t in timings.values())
     status = {}
     for r in rows:
         status[r["status"]] = status.get(r["status"], 0) + 1
@@ -197,50 +233,82 @@ def main() -> None:
         if Path(path) != wds:
             raise SystemExit(f"config error: the {what} config reads {path}, but --data puts the shards in {wds}")
     if ROOT / sweep["pretrained"] != encoder:
-        raise SystemExit(f"config error: {args.sweep_config} pretrained: {sweep['pretrained']} is not the encoder "
-                         f"{args.pretrain_config} writes ({encoder.relative_to(ROOT)})")
+        raise SystemExit(
+            f"config error: {args.sweep_config} pretrained: {sweep['pretrained']} is not the encoder "
+            f"{args.pretrain_config} writes ({encoder.relative_to(ROOT)})"
+        )
 
     env = dict(os.environ)
     # Ray workers import this checkout; a private local Ray for each launcher, never another user's cluster.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env["RAY_ADDRESS"] = "local"
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    stages = [
-        ("data", [py, "tools/study_data.py", str(raw)], None),
-        ("convert", [py, "tools/to_wds.py", str(raw / "dataset.json"), str(wds), "--format", "wds", "--preset",
-                     "mri", "--crop-foreground", "--quiet"], None),
-        ("pretrain", [py, "launch/pretrain.py", "--config", args.pretrain_config], encoder),
-        ("sweep", [py, "launch/sweep.py", "--config", args.sweep_config], None),
+    sweep_cfg = load_config(SweepConfig, ROOT / args.sweep_config)
+    stages = [  # name, command, "already done?"
+        ("data", [py, "tools/study_data.py", str(raw)], lambda: (ROOT / raw / "dataset.json").is_file()),
+        (
+            "convert",
+            [
+                py,
+                "tools/to_wds.py",
+                str(raw / "dataset.json"),
+                str(wds),
+                "--format",
+                "wds",
+                "--preset",
+                "mri",
+                "--crop-foreground",
+                "--quiet",
+            ],
+            lambda: _manifest_complete(ROOT / wds),
+        ),
+        ("pretrain", [py, "launch/pretrain.py", "--config", args.pretrain_config], encoder.is_file),
+        (
+            "sweep",
+            [py, "launch/sweep.py", "--config", args.sweep_config],
+            lambda: _sweep_finished(sweep_cfg, sweep_dir),
+        ),
     ]
     timings_path = out / "timings.json"
-    timings: dict[str, dict] = {}  # this invocation's stages; a resumed run lists the ones it skipped
+    # Per stage, the run that did the work: a later run that finds a stage done keeps that stage's record.
+    timings: dict[str, dict] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     sampler = LoadSampler()
     sampler.start()
     t_start = time.perf_counter()
-    for i, (name, cmd, done_file) in enumerate(stages, 1):
-        if done_file is not None and done_file.is_file():
-            print(f"[{i}/{len(stages)}] {name}: already done ({done_file.relative_to(ROOT)})", flush=True)
-            timings[name] = {"wall_s": 0.0, "load": None, "skipped": True}
+    for i, (name, cmd, done) in enumerate(stages, 1):
+        if done():
+            print(f"[{i}/{len(stages)}] {name}: already done", flush=True)
+            timings.setdefault(name, {"wall_s": None, "load": None})
             continue
         print(f"[{i}/{len(stages)}] {name} (elapsed {time.perf_counter() - t_start:.0f} s)", flush=True)
         t0 = time.perf_counter()
+        sampler.take()
         run_stage(name, cmd, out / "logs", env)
         load = sampler.take()
-        timings[name] = {"wall_s": round(time.perf_counter() - t0, 1),
-                         "load": round(float(np.mean(load)), 2) if load else os.getloadavg()[0]}
+        timings[name] = {
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "load": round(float(np.mean(load)), 2) if load else os.getloadavg()[0],
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         out.mkdir(parents=True, exist_ok=True)
         timings_path.write_text(json.dumps(timings, indent=2))
     sampler.stopped.set()
     pool = json.loads((ROOT / wds / "manifest.json").read_text())["counts"]
-    summary = write_summary(out, sweep_dir, pool["train"], pool["validation"], timings,
-                            "make study (= python tools/study.py)")
+    summary = write_summary(
+        out, sweep_dir, pool["train"], pool["validation"], timings, "make study (= python tools/study.py)"
+    )
     shutil.copy2(sweep_dir / "summary.md", out / "sweep_summary.md")
     print(f"\n{summary.read_text()}\nreport: {summary}\nsweep: {sweep_dir}")
     if args.publish:
         dest = ROOT / args.publish
         dest.mkdir(parents=True, exist_ok=True)
-        for src in (summary, out / "sweep_summary.md", sweep_dir / "results.csv", sweep_dir / "label_efficiency.png",
-                    timings_path):
+        for src in (
+            summary,
+            out / "sweep_summary.md",
+            sweep_dir / "results.csv",
+            sweep_dir / "label_efficiency.png",
+            timings_path,
+        ):
             shutil.copy2(src, dest / src.name)
         print(f"published to {dest}")
 

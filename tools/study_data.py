@@ -52,8 +52,9 @@ def _rotation(angles: np.ndarray) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def make_subject(template: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], seed: int,
-                 spacing: float = 2.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_subject(
+    template: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], seed: int, spacing: float = 2.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Subject ``seed``: (image float32, label uint8, affine) on a ``spacing`` mm grid covering the template.
 
     ``template`` is (t1, gm, wm, affine, centre): the 1 mm template arrays, their affine and the brain's centre in
@@ -64,8 +65,9 @@ def make_subject(template: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
     out_shape = tuple(int(np.ceil(s / k)) for s, k in zip(t1.shape, step))
     out_affine = affine.copy()
     out_affine[:3, :3] = affine[:3, :3] * step
-    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) * k for n, k in zip(out_shape, step)],
-                                indexing="ij"))  # (3, *out): template voxel coordinates of each output voxel
+    grid = np.stack(
+        np.meshgrid(*[np.arange(n, dtype=np.float32) * k for n, k in zip(out_shape, step)], indexing="ij")
+    )  # (3, *out): template voxel coordinates of each output voxel
     rng = np.random.default_rng(seed)
     if seed:
         # source point = A (y - c) + c + t + d(y): pull-back sampling, so every output voxel gets one value
@@ -128,18 +130,21 @@ def write(out: Path, subjects: int = 24, test: int = 8, spacing: float = 2.0) ->
             image, label, affine = make_subject(template, i, spacing)
             _save(image, affine, img_path)
             _save(label, affine, lab_path)
-            print(f"  subject {i:02d}: {image.shape}, GM {np.mean(label == 1):.3f}, WM {np.mean(label == 2):.3f} "
-                  f"of the grid ({time.perf_counter() - t0:.1f} s)", flush=True)
+            print(
+                f"  subject {i:02d}: {image.shape}, GM {np.mean(label == 1):.3f}, WM {np.mean(label == 2):.3f} "
+                f"of the grid ({time.perf_counter() - t0:.1f} s)",
+                flush=True,
+            )
         entries.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     datalist = {
         "name": "ICBM152 warped subjects",
         "description": "nilearn's ICBM152 2009a (symmetric) T1 and GM/WM maps under synthetic warps and contrasts; "
-                       "labels GM/WM from the warped maps (> 0.5, larger wins)",
+        "labels GM/WM from the warped maps (> 0.5, larger wins)",
         "modality": {"0": "T1"},
         "labels": LABELS,
         "numTraining": subjects - test,
         "training": entries[: subjects - test],
-        "validation": entries[subjects - test:],
+        "validation": entries[subjects - test :],
     }
     path = out / "dataset.json"
     path.write_text(json.dumps(datalist, indent=2))
