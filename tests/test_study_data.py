@@ -29,11 +29,17 @@ def test_subject_is_deterministic_and_subjects_differ(template):
 
 @pytest.mark.parametrize("seed", [0, 7])
 def test_labels_stay_on_the_warped_anatomy(template, seed):
-    """Labels only inside the brain, and the T1 contrast between the label classes survives the warp: white matter
+    """Labels only inside the brain, on their side of the midline, and the T1 contrast between the label classes survives the warp: white matter
     brighter than grey matter voxel by voxel on average. A label warped differently from its image would mix the
     classes and wash this out."""
-    image, label, _ = study_data.make_subject(template, seed, spacing=4.0)
-    assert set(np.unique(label)) == {0, 1, 2}
+    image, label, affine = study_data.make_subject(template, seed, spacing=4.0)
+    assert set(np.unique(label)) == {0, 1, 2, 3, 4}
     assert not label[image == 0].any() and (image >= 0).all()
-    gm, wm = image[label == 1].mean(), image[label == 2].mean()
-    assert wm > 1.15 * gm, (gm, wm)
+    for gm_label, wm_label in ((1, 2), (3, 4)):
+        gm, wm = image[label == gm_label].mean(), image[label == wm_label].mean()
+        assert wm > 1.15 * gm, (gm_label, gm, wm)
+    # Left labels left of the midline, right labels right of it (world x, RAS), and the halves about equal.
+    x = affine[0, 0] * np.arange(label.shape[0]) + affine[0, 3]
+    side = {c: x[np.nonzero(label == c)[0]].mean() for c in (1, 2, 3, 4)}
+    assert side[1] < -20 and side[2] < -10 and side[3] > 20 and side[4] > 10, side
+    assert 0.8 < (label == 1).sum() / (label == 3).sum() < 1.25

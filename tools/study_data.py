@@ -3,14 +3,15 @@ grey/white-matter maps (both ship inside nilearn, read offline), each under its 
 
     python tools/study_data.py data/study [--subjects 24] [--test 8] [--spacing 2]
 
-Writes ``imagesTr/``, ``labelsTr/`` (0 rest incl. CSF, 1 grey matter, 2 white matter) and an MSD-style
+Writes ``imagesTr/``, ``labelsTr/`` (0 rest incl. CSF; 1/2 left grey/white matter, 3/4 right) and an MSD-style
 ``dataset.json``: the first ``subjects - test`` volumes are the training pool (``training``), the last ``test`` the
 held-out set (``validation``). Deterministic: subject i is drawn from seed i alone, so any subject can be rebuilt.
 
 What is real and what is not: the intensities, the anatomy (an average of 152 adults) and the tissue maps are real;
 every difference between two subjects is synthetic — an affine (±10° per axis, ±10 % scale, ±4 mm shift), a smooth
 displacement field (peak ~5 mm), a gamma contrast change, a smooth bias field and noise. Labels are the template's
-probability maps pushed through the same warp and then thresholded, so they stay aligned with the image.
+probability maps pushed through the same warp and then thresholded, so they stay aligned with the image; the
+hemisphere is the side of the template's midline (x = 0 in MNI space) each voxel came from.
 """
 
 from __future__ import annotations
@@ -29,7 +30,17 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sample_data import load_template  # noqa: E402  (the one place that reads nilearn's files)
 
-LABELS = {"0": "background", "1": "grey matter", "2": "white matter"}
+# FreeSurfer's aseg convention: tissue × hemisphere. Grey and white matter alone is an intensity problem (a lookup
+# table on one volume's z-scored intensities scores 0.86 mean Dice on the held-out subjects, above what UNETR reached),
+# which leaves the encoder, and so its initialisation, nothing to do. Telling the hemispheres apart in a symmetric
+# template needs the context of a crop (where the midline or the brain's outer surface lies), as organs do in CT.
+LABELS = {
+    "0": "background",
+    "1": "left grey matter",
+    "2": "left white matter",
+    "3": "right grey matter",
+    "4": "right white matter",
+}
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], control: int, sigma: float) -> np.ndarray:
@@ -85,6 +96,10 @@ def make_subject(
     label = np.zeros(out_shape, dtype=np.uint8)  # the template's rule (tools/sample_data.py), after the warp
     label[(gm_w > 0.5) & (gm_w >= wm_w)] = 1
     label[(wm_w > 0.5) & (wm_w > gm_w)] = 2
+    # Hemisphere from the template position each voxel was sampled from: world x > 0 is right (RAS); the symmetric
+    # template's midline is x = 0, so the split follows the warped midline.
+    right = (affine[0, 0] * grid[0] + affine[0, 3]) > 0
+    label[(label > 0) & right] += 2
     brain = image > 0
     image = image / max(float(image.max()), 1e-8)
     if seed:
@@ -131,15 +146,16 @@ def write(out: Path, subjects: int = 24, test: int = 8, spacing: float = 2.0) ->
             _save(image, affine, img_path)
             _save(label, affine, lab_path)
             print(
-                f"  subject {i:02d}: {image.shape}, GM {np.mean(label == 1):.3f}, WM {np.mean(label == 2):.3f} "
-                f"of the grid ({time.perf_counter() - t0:.1f} s)",
+                f"  subject {i:02d}: {image.shape}, GM {np.isin(label, (1, 3)).mean():.3f}, "
+                f"WM {np.isin(label, (2, 4)).mean():.3f}"
+                f" of the grid ({time.perf_counter() - t0:.1f} s)",
                 flush=True,
             )
         entries.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     datalist = {
         "name": "ICBM152 warped subjects",
         "description": "nilearn's ICBM152 2009a (symmetric) T1 and GM/WM maps under synthetic warps and contrasts; "
-        "labels GM/WM from the warped maps (> 0.5, larger wins)",
+        "labels GM/WM from the warped maps (> 0.5, larger wins), split at the template's midline",
         "modality": {"0": "T1"},
         "labels": LABELS,
         "numTraining": subjects - test,
