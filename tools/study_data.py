@@ -162,8 +162,10 @@ def write(out: Path, subjects: int = 24, test: int = 8, spacing: float = 4.0) ->
         "training": entries[: subjects - test],
         "validation": entries[subjects - test :],
     }
-    path = out / "dataset.json"
-    path.write_text(json.dumps(datalist, indent=2))
+    path = out / "dataset.json"  # written last, and atomically: tools/study.py takes it as "data stage done"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(datalist, indent=2))
+    os.replace(tmp, path)
     return path
 
 
