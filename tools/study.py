@@ -164,7 +164,8 @@ def _timing_row(stage: str, t: dict) -> str:
 
 def write_summary(out: Path, sweep_dir: Path, pool: int, held_out: int, timings: dict, command: str) -> Path:
     rows = list(csv.DictReader(open(sweep_dir / "results.csv")))
-    table, _ = paired_table(rows, pool)
+    table, stats = paired_table(rows, pool)
+    budgets = " and ".join(str(b) for b in sorted({budget for budget, _ in stats}))
     total = sum(t["wall_s"] or 0.0 for t in timings.values())
     status = {}
     for r in rows:
@@ -177,7 +178,7 @@ def write_summary(out: Path, sweep_dir: Path, pool: int, held_out: int, timings:
         "",
         "Task: grey and white matter of each hemisphere (4 classes, FreeSurfer aseg style; Dice, mean of the four) "
         f"on {held_out} held-out subjects, "
-        f"fine-tuning UNETR with 1, 2, 4 … of the {pool} training-pool volumes labelled. The MAE encoder was "
+        f"fine-tuning UNETR with {budgets} of the {pool} training-pool volumes labelled. The MAE encoder was "
         f"self pre-trained on all {pool} pool volumes without their labels. Both inits of a seed fine-tune on the "
         "same labelled volumes with the same steps and learning rate, so the difference is paired by seed.",
         "",
