@@ -240,7 +240,7 @@ def resident_table(
     if cpu in devices:
         cfg = DataConfig(**common, shuffle_buffer=4, crop_shuffle_buffer=8)
         out["rows"]["today, cpu"] = loader_rate(build_train_loader(cfg, batch_size=4), 4, cpu, min_s)
-        if dims == 2:  # the per-crop path as auto would run it for 2D on a CPU
+        if dims == 2:  # the per-crop path in the loader workers (data.loader: stream), the 2D alternative
             stream = build_train_stream(DataConfig(**common, loader="stream"), batch_size=8, device=cpu)
             out["rows"]["stream (per crop), cpu"] = loader_rate(stream, 8, cpu, min_s)
             stream.close()
