@@ -39,6 +39,21 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """Four 40³ CT phantoms as wds shards of ~0.1 MB: the pretraining data of the Ray, multi-node and rank-stream
+    tests, which only read it."""
+    from medmae.data.convert.options import ConvertOptions
+    from medmae.data.convert.run import convert
+    from medmae.data.synthetic import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    datalist = write_phantom_dataset(root / "raw", n=4, shape=(40, 40, 40), seed=3)
+    opts = ConvertOptions(format="wds", preset="ct", workers=0, shard_size_mb=0.1)
+    convert(datalist, root / "wds", opts, progress=False)
+    return root / "wds"
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 endpoint for the whole session: moto's standalone server in its own process on 127.0.0.1 (a free
     port), stopped at the end. Sets ``AWS_ENDPOINT_URL``, dummy credentials and the region in ``os.environ`` for the

@@ -30,16 +30,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    datalist = write_phantom_dataset(root / "raw", n=4, shape=(40, 40, 40), seed=3)
-    convert(
-        datalist, root / "wds", ConvertOptions(format="wds", preset="ct", workers=0, shard_size_mb=0.1), progress=False
-    )
-    return root / "wds"
-
-
 def _wait(condition: Callable[[], bool], what: str, timeout: float, alive: Callable[[], bool]) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

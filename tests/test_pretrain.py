@@ -12,24 +12,12 @@ import pytest
 import torch
 
 from medmae.config import load_config, to_dict
-from medmae.data.convert.options import ConvertOptions
-from medmae.data.convert.run import convert
-from medmae.data.synthetic import write_phantom_dataset
 from medmae.models import create_model, load_encoder, read_encoder
 from medmae.training.config import JobConfig
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    datalist = write_phantom_dataset(root / "raw", n=4, shape=(40, 40, 40), seed=3)
-    out = root / "wds"
-    convert(datalist, out, ConvertOptions(format="wds", preset="ct", workers=0, shard_size_mb=0.1))
-    return out
 
 
 def _config(tmp_path: Path, shards: Path, *overrides: str) -> JobConfig:

@@ -11,10 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from medmae.data.convert.options import ConvertOptions
-from medmae.data.convert.run import convert
-from medmae.data.synthetic import write_phantom_dataset
-
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -49,16 +45,6 @@ def job(name, steps):
 for name, steps in (("a", 4), ("b", 2), ("b", 4)):
     Trainer(job(name, steps)).train()
 """
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    datalist = write_phantom_dataset(root / "raw", n=4, shape=(40, 40, 40), seed=3)
-    convert(
-        datalist, root / "wds", ConvertOptions(format="wds", preset="ct", workers=0, shard_size_mb=0.1), progress=False
-    )
-    return root / "wds"
 
 
 def test_ranks_draw_their_own_masks_and_resume_continues_each_stream(tmp_path, shards):
