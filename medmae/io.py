@@ -11,12 +11,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_bytes", "is_url", "write_json_atomic"]
+__all__ = ["atomic_path", "atomic_write_bytes", "is_url", "resolve_local", "write_json_atomic"]
 
 
 def is_url(path: str | os.PathLike) -> bool:
     """``s3://bucket/x``, ``gs://...``, ``file:///...``: an fsspec URL rather than a local path."""
     return "://" in str(path)
+
+
+def resolve_local(path: str) -> str:
+    """A local path made absolute against the launching directory (Ray workers and trials start elsewhere);
+    URLs and ``""`` (unset) unchanged."""
+    return path if not path or is_url(path) else str(Path(path).expanduser().resolve())
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from medmae.data.config import DataConfig
 from medmae.data.convert.manifest import join_url
 from medmae.data.convert.writers import decode_npy
 from medmae.data.pipeline import Cropper, SkipCounters, WorkerRng, batches, worker_rng
+from medmae.io import is_url
 
 __all__ = ["WdsTrainStream", "open_url", "read_members"]
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def open_url(url: str, storage_options: dict | None = None):
     """Binary file object for a local path or an fsspec URL."""
-    if "://" in url and not url.startswith("file://"):
+    if is_url(url) and not url.startswith("file://"):
         import fsspec
 
         return fsspec.open(url, "rb", **(storage_options or {})).open()

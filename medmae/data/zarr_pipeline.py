@@ -13,6 +13,7 @@ from torch.utils.data import IterableDataset
 
 from medmae.data.config import DataConfig
 from medmae.data.pipeline import Cropper, batches, worker_rng
+from medmae.io import is_url
 
 __all__ = ["ZarrTrainStream", "open_zarr"]
 
@@ -21,7 +22,7 @@ def open_zarr(path: str, storage_options: dict | None = None):
     """The dataset's root Zarr group, read-only."""
     import zarr
 
-    if "://" in path:
+    if is_url(path):
         return zarr.open_group(path, mode="r", storage_options=storage_options or None)
     return zarr.open_group(path, mode="r")
 

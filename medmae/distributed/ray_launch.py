@@ -34,7 +34,7 @@ import torch
 
 from medmae.distributed.config import DistributedConfig
 from medmae.distributed.deepspeed_config import resolve_backend
-from medmae.io import is_url
+from medmae.io import resolve_local
 
 __all__ = [
     "checkpoint_dir",
@@ -229,10 +229,6 @@ def _use_gpu(setting: str) -> bool:
     return setting == "yes" or (setting == "auto" and has_gpus)
 
 
-def _storage_path(path: str) -> str:
-    return path if is_url(path) else str(Path(path).expanduser().resolve())
-
-
 def run_ray(
     train_fn: Callable[[dict], None],
     train_fn_config: dict[str, Any],
@@ -274,7 +270,7 @@ def run_ray(
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=_storage_path(cfg.storage_path),
+            storage_path=resolve_local(cfg.storage_path),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             worker_runtime_env={"env_vars": env},

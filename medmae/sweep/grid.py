@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from medmae.config import apply_overrides, from_dict, to_dict
+from medmae.io import resolve_local
 from medmae.sweep.config import SweepConfig
 
 if TYPE_CHECKING:  # importing it registers every model (timm, MONAI): seconds the Tune trial actors need not spend
@@ -53,10 +54,6 @@ def sweep_dir(cfg: SweepConfig) -> Path:
     return Path(cfg.storage_path).expanduser().resolve() / cfg.name
 
 
-def _abs(path: str) -> str:
-    return path if not path or "://" in path else str(Path(path).expanduser().resolve())
-
-
 def trial_job(cfg: SweepConfig, spec: TrialSpec) -> JobConfig:
     """Fine-tuning YAML <- sweep overrides <- the trial's parameters, output and resources; paths made absolute."""
     from medmae.training.config import JobConfig
@@ -69,12 +66,12 @@ def trial_job(cfg: SweepConfig, spec: TrialSpec) -> JobConfig:
     res = cfg.resources
     storage = str(root / "checkpoints")
     if cfg.checkpoint_storage:
-        storage = f"{_abs(cfg.checkpoint_storage).rstrip('/')}/{cfg.name}"
+        storage = f"{resolve_local(cfg.checkpoint_storage).rstrip('/')}/{cfg.name}"
     trial: dict[str, dict[str, Any]] = {
         "run": {"name": spec.name, "output_dir": str(root / "trials"), "seed": spec.seed},
         "data": {"train_fraction": spec.train_fraction, "subset_seed": spec.seed},
         "optim": {cfg.grid.lr_key: spec.lr},
-        "finetune": {"pretrained": _abs(cfg.pretrained) if spec.init == "mae" else ""},
+        "finetune": {"pretrained": resolve_local(cfg.pretrained) if spec.init == "mae" else ""},
         "dist": {
             "num_workers": res.workers,
             "min_workers": res.min_workers,
@@ -92,7 +89,7 @@ def trial_job(cfg: SweepConfig, spec: TrialSpec) -> JobConfig:
         raise ValueError(f"trial {spec.name} ({path} + overrides): {e}") from None
     if job.task == "pretrain":
         raise ValueError(f"finetune_config: {path} has task 'pretrain'; a sweep fine-tunes (segment or classify)")
-    job.data.path = _abs(job.data.path)
+    job.data.path = resolve_local(job.data.path)
     return job
 
 

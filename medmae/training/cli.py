@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 from typing import Any
 
 from medmae.config import field_docs, load_config
-from medmae.io import is_url
+from medmae.io import resolve_local
 from medmae.tasks import task_class, task_names
 from medmae.training.config import JobConfig
 
@@ -49,15 +48,11 @@ def load_job(args: Any) -> JobConfig:
 
 def absolute_paths(cfg: JobConfig) -> JobConfig:
     """Resolve local relative paths against the launching directory: worker processes may start elsewhere."""
-
-    def fix(p: str) -> str:
-        return p if not p or is_url(p) else str(Path(p).expanduser().resolve())
-
-    cfg.run.output_dir = fix(cfg.run.output_dir)
-    cfg.dist.storage_path = fix(cfg.dist.storage_path)
-    cfg.data.path = fix(cfg.data.path)
+    cfg.run.output_dir = resolve_local(cfg.run.output_dir)
+    cfg.dist.storage_path = resolve_local(cfg.dist.storage_path)
+    cfg.data.path = resolve_local(cfg.data.path)
     for source in cfg.data.datasets:
-        source.path = fix(source.path)
+        source.path = resolve_local(source.path)
     if hasattr(cfg.finetune, "pretrained"):
-        cfg.finetune.pretrained = fix(cfg.finetune.pretrained)
+        cfg.finetune.pretrained = resolve_local(cfg.finetune.pretrained)
     return cfg

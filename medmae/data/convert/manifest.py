@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from medmae.data.convert.preprocess import checksum
+from medmae.io import is_url
 
 __all__ = ["MANIFEST", "ERRORS", "read_manifest", "verify", "join_url"]
 
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def join_url(base: str, name: str) -> str:
     """``base/name`` for local paths and URLs alike."""
-    return f"{base.rstrip('/')}/{name}" if "://" in base else str(Path(base) / name)
+    return f"{base.rstrip('/')}/{name}" if is_url(base) else str(Path(base) / name)
 
 
 def read_manifest(path: str | os.PathLike, storage_options: dict | None = None) -> dict:
@@ -29,7 +30,7 @@ def read_manifest(path: str | os.PathLike, storage_options: dict | None = None) 
     path = str(path)
     url = path if path.endswith(".json") else join_url(path, MANIFEST)
     try:
-        if "://" in url:
+        if is_url(url):
             import fsspec
 
             with fsspec.open(url, "rt", **(storage_options or {})) as f:
@@ -81,7 +82,7 @@ def verify(out: str | Path, storage_options: dict | None = None) -> list[str]:
     else:
         import zarr
 
-        root = zarr.open_group(out, mode="r", storage_options=storage_options if "://" in out else None)
+        root = zarr.open_group(out, mode="r", storage_options=storage_options if is_url(out) else None)
         for s in tqdm(manifest["samples"], desc="verify", unit="sample"):
             try:
                 check(read_zarr_sample(root, s["split"], s["key"]), f"{s['split']}/{s['key']}")

@@ -23,14 +23,10 @@ from pathlib import Path
 from medmae.data.convert.manifest import MANIFEST, read_manifest
 from medmae.data.convert.splits import SPLITS
 from medmae.data.convert.writers import SHARD_RE, scan_shards, scan_zarr
-from medmae.io import write_json_atomic
+from medmae.io import is_url, write_json_atomic
 
-__all__ = ["Output", "is_url"]
+__all__ = ["Output"]
 log = logging.getLogger(__name__)
-
-
-def is_url(path: str | os.PathLike) -> bool:
-    return "://" in str(path)
 
 
 class Output:
