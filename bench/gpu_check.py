@@ -22,7 +22,7 @@ Sections (each guarded: a failure is recorded and the next section runs):
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import json
 import os
 import statistics
@@ -40,7 +40,7 @@ from medmae.io import write_json_atomic  # noqa: E402
 from medmae.models import create_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import monai_mae  # noqa: E402  (the same reference model in both benches)
+from bench_model import monai_mae, step_fn  # noqa: E402  (the same reference model in both benches)
 
 SECTIONS = ("env", "sdpa", "model", "engine", "zero", "profile", "pinned", "loader", "train", "compile")
 
@@ -101,12 +101,9 @@ def section_env(args, device):
             out[mod] = __import__(mod).__version__
         except Exception as e:  # noqa: BLE001 - reported, not fatal
             out[mod] = f"missing: {type(e).__name__}"
-    try:
-        from medmae.training.logs import peak_flops
+    from medmae.training.logs import peak_flops
 
-        out["peak_bf16_tflops"] = (peak_flops(device, torch.bfloat16) or 0) / 1e12
-    except TypeError:  # older signature
-        pass
+    out["peak_bf16_tflops"] = (peak_flops(device, torch.bfloat16) or 0) / 1e12
     return out
 
 
@@ -154,21 +151,18 @@ def section_sdpa(args, device):
 
 
 def _step(model, x, autocast_dtype, loss_fn=None):
-    """One training step of ``model`` on ``x`` (loss: MAE's own unless ``loss_fn``) with fused AdamW."""
-    loss_fn = loss_fn or (lambda v: model(v)[0])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
-    ctx = (
-        torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
-    )
+    """A no-argument training step of ``model`` on ``x`` (loss: MAE's own unless ``loss_fn``): bench_model's step,
+    so that both benches time the same thing."""
+    step = step_fn(model, loss_fn or (lambda v: model(v)[0]), x.device, autocast_dtype or torch.float32)
+    return functools.partial(step, x)
 
-    def step():
-        with ctx:
-            loss = loss_fn(x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
-    return step
+def _vit_b(args, device):
+    """(batch, ViT-B/16 MAE in bf16 weights, input) at the largest batch asked for."""
+    b = args.batch[-1]
+    torch.manual_seed(0)
+    model = create_model("mae_vit_base_patch16_3d", **model_kwargs(args)).to(device, torch.bfloat16)
+    return b, model, torch.randn(b, 1, *model.cfg.img_size, device=device, dtype=torch.bfloat16)
 
 
 def model_kwargs(args):
@@ -338,10 +332,7 @@ def _profile_steps(step, device, n: int = 3) -> dict:
 def section_profile(args, device):
     if device.type != "cuda":
         return {"skipped": "no CUDA"}
-    b = args.batch[-1]
-    torch.manual_seed(0)
-    model = create_model("mae_vit_base_patch16_3d", **model_kwargs(args)).to(device, torch.bfloat16)
-    x = torch.randn(b, 1, *model.cfg.img_size, device=device, dtype=torch.bfloat16)
+    b, model, x = _vit_b(args, device)
     out = {"batch": b, "model_alone": _profile_steps(_step(model, x, None), device)}
     del model
     step = engine_step(args, device, b, stage=2)
@@ -468,10 +459,7 @@ def section_train(args, device):
 def section_compile(args, device):
     if device.type != "cuda":
         return {"skipped": "no CUDA"}
-    b = args.batch[-1]
-    torch.manual_seed(0)
-    model = create_model("mae_vit_base_patch16_3d", **model_kwargs(args)).to(device, torch.bfloat16)
-    x = torch.randn(b, 1, *model.cfg.img_size, device=device, dtype=torch.bfloat16)
+    b, model, x = _vit_b(args, device)
     eager = timed(_step(model, x, None), args.steps, args.warmup, device)
     compiled = torch.compile(model)
     t0 = time.perf_counter()
