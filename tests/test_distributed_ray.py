@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -152,10 +154,40 @@ def test_rerun_with_same_name_resumes_also_on_fewer_workers(ray_session, tmp_pat
     assert third[-1]["loss"] < 0.6 * first[0]["loss"]
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_orphaned_checkpoint_folders_of_this_hosts_dead_processes_are_removed(tmp_path):
+    from medmae.distributed.ray_launch import _HOST, remove_orphaned_checkpoint_dirs
+
+    dead = _dead_pid()
+    names = {
+        f"medmae-ckpt-{dead}-{_HOST}-step-00000004-x1": False,  # a killed rank's: removed
+        f"medmae-ckpt-{os.getpid()}-{_HOST}-step-00000004-x2": True,  # a live process's: kept
+        f"medmae-ckpt-{dead}-0123abcd-step-00000004-x3": True,  # another host's, in a shared folder: kept
+        "medmae-ckpt-odd": True,
+        "unrelated": True,
+    }
+    for name in names:
+        (tmp_path / name / "step-00000004").mkdir(parents=True)
+    removed = remove_orphaned_checkpoint_dirs(tmp_path)
+    assert {p.name for p in removed} == {n for n, kept in names.items() if not kept}
+    assert {p.name for p in tmp_path.iterdir()} == {n for n, kept in names.items() if kept}
+
+
 def test_worker_crash_restarts_from_last_checkpoint(ray_session, tmp_path):
+    from medmae.distributed.ray_launch import _HOST
+
+    # A folder left by a rank killed mid-checkpoint; the restarted workers' next checkpoint clears it.
+    orphan = Path(tempfile.gettempdir()) / f"medmae-ckpt-{_dead_pid()}-{_HOST}-step-00000004-test"
+    (orphan / "step-00000004").mkdir(parents=True)
     marker = tmp_path / "crashed-once"
     result, log = _run(tmp_path, "fault", steps=6, max_failures=1, fail_marker=str(marker), fail_at=5)
     assert marker.exists() and result.error is None
+    assert not orphan.exists()
     # Rank 1 died after step 5; the restarted group resumed from the last checkpoint Ray had registered (step 4,
     # or step 2 if the controller had not polled since step 4's report) and ran to the end.
     assert [m["step"] for m in log if m["start"] == 0][:4] == [1, 2, 3, 4]

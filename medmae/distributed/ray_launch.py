@@ -25,6 +25,7 @@ import os
 import posixpath
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,6 +43,7 @@ __all__ = [
     "forwarded_env",
     "in_ray_worker",
     "latest_checkpoint_dir",
+    "remove_orphaned_checkpoint_dirs",
     "report",
     "resume_folder",
     "run_ray",
@@ -51,6 +53,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_CKPT_PREFIX = "medmae-ckpt-"  # + pid-host-name-: see remove_orphaned_checkpoint_dirs
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 # Variables the launching shell sets for the workers: NCCL / libfabric (EFA) tuning, and medmae's own.
 FORWARDED_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "FI_", "MEDMAE_")
 # Where the object store is (an S3-compatible endpoint, its region), never who may use it: Ray shows a job's
@@ -95,11 +99,13 @@ def world_info() -> tuple[int, int, int]:
 def checkpoint_dir(run_dir: str | os.PathLike, name: str) -> Iterator[Path]:
     """Folder every rank writes checkpoint ``name`` into.
 
-    Under Ray a per-rank temporary folder (``report`` uploads it into the run's storage, then it is removed);
+    Under Ray a per-rank temporary folder (``report`` uploads it into the run's storage, then it is removed; those
+    of killed ranks go at the node's next checkpoint);
     otherwise ``run_dir/name`` itself, shared by the ranks of a ``torchrun`` job on one file system.
     """
     if in_ray_worker():
-        tmp = Path(tempfile.mkdtemp(prefix=f"medmae-{name}-"))
+        remove_orphaned_checkpoint_dirs()
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_CKPT_PREFIX}{os.getpid()}-{_HOST}-{name}-"))
         try:
             yield tmp
         finally:
@@ -108,6 +114,33 @@ def checkpoint_dir(run_dir: str | os.PathLike, name: str) -> Iterator[Path]:
         path = Path(run_dir) / name
         path.mkdir(parents=True, exist_ok=True)
         yield path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_orphaned_checkpoint_dirs(tmp_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the :func:`checkpoint_dir` folders of this host's dead processes; returns what was removed.
+
+    A rank killed while it writes or reports a checkpoint never reaches its ``finally``: Ray kills the rest of the
+    worker group in the report barrier whenever one rank or node is lost, so every restart of an elastic run would
+    leave the survivors' folders behind (a ViT-B MAE checkpoint is ~1.5 GB per rank) on nodes that live on. The
+    folder names carry pid and host, so a node never touches another host's folders in a shared temporary folder.
+    """
+    removed = []
+    for path in Path(tmp_dir or tempfile.gettempdir()).glob(f"{_CKPT_PREFIX}*"):
+        pid, _, rest = path.name[len(_CKPT_PREFIX) :].partition("-")
+        if rest.startswith(f"{_HOST}-") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def report(metrics: dict[str, Any], checkpoint_dir: str | os.PathLike | None = None) -> None:
