@@ -22,7 +22,6 @@ Sections (each guarded: a failure is recorded and the next section runs):
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -35,45 +34,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_model import monai_mae  # noqa: E402  (the same reference model in both benches)
+from gpu_engine import section_engine, section_profile, section_zero  # noqa: E402
+from step_timing import model_kwargs, timed, train_flops, train_step, vit_b  # noqa: E402
 
 from medmae.io import write_json_atomic  # noqa: E402
 from medmae.models import create_model  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import monai_mae, step_fn  # noqa: E402  (the same reference model in both benches)
-
 SECTIONS = ("env", "sdpa", "model", "engine", "zero", "profile", "pinned", "loader", "train", "compile")
-
-
-def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
-    """Median seconds of ``fn()`` over ``steps`` after ``warmup``; CUDA events on GPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def train_flops(model, x) -> float:
-    """FLOPs of one forward + backward, counted by torch (matmuls, convolutions, attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        loss = model(x)[0]
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
 
 
 # ---- sections ------------------------------------------------------------------------------------------------------
@@ -150,28 +120,6 @@ def section_sdpa(args, device):
     }
 
 
-def _step(model, x, autocast_dtype, loss_fn=None):
-    """A no-argument training step of ``model`` on ``x`` (loss: MAE's own unless ``loss_fn``): bench_model's step,
-    so that both benches time the same thing."""
-    step = step_fn(model, loss_fn or (lambda v: model(v)[0]), x.device, autocast_dtype or torch.float32)
-    return functools.partial(step, x)
-
-
-def _vit_b(args, device):
-    """(batch, ViT-B/16 MAE in bf16 weights, input) at the largest batch asked for."""
-    b = args.batch[-1]
-    torch.manual_seed(0)
-    model = create_model("mae_vit_base_patch16_3d", **model_kwargs(args)).to(device, torch.bfloat16)
-    return b, model, torch.randn(b, 1, *model.cfg.img_size, device=device, dtype=torch.bfloat16)
-
-
-def model_kwargs(args):
-    kw = {"img_size": (args.size,) * 3}
-    if args.tiny:
-        kw.update(embed_dim=96, depth=2, num_heads=3, decoder_embed_dim=48, decoder_depth=1, decoder_num_heads=3)
-    return kw
-
-
 def section_model(args, device):
     from medmae.models import train_flops_per_sample
     from medmae.training.logs import peak_flops
@@ -188,11 +136,11 @@ def section_model(args, device):
         meta = train_flops_per_sample("mae_vit_base_patch16_3d", cfg) * b  # what the trainer's MFU uses
         row = {"batch": b, "flops_per_sample_G": flops / b / 1e9, "meta_count_over_device_count": meta / flops}
         half = create_model("mae_vit_base_patch16_3d", **model_kwargs(args)).to(device, bf16)
-        row["ours_bf16_weights_s"] = timed(_step(half, x.to(bf16), None), args.steps, args.warmup, device)
+        row["ours_bf16_weights_s"] = timed(train_step(half, x.to(bf16), None), args.steps, args.warmup, device)
         del half
-        row["ours_autocast_s"] = timed(_step(ours, x, bf16), args.steps, args.warmup, device)
+        row["ours_autocast_s"] = timed(train_step(ours, x, bf16), args.steps, args.warmup, device)
         ours.set_grad_checkpointing(True)
-        row["ours_autocast_ckpt_s"] = timed(_step(ours, x, bf16), args.steps, args.warmup, device)
+        row["ours_autocast_ckpt_s"] = timed(train_step(ours, x, bf16), args.steps, args.warmup, device)
         ours.set_grad_checkpointing(False)
         try:
             ref = monai_mae(cfg, device)
@@ -202,12 +150,14 @@ def section_model(args, device):
                 return (((pred.float() - ours.patchify(v)) ** 2).mean(-1) * mask).sum() / mask.sum()
 
             try:
-                row["monai_autocast_s"] = timed(_step(ref, x, bf16, ref_loss), args.steps, args.warmup, device)
+                row["monai_autocast_s"] = timed(train_step(ref, x, bf16, ref_loss), args.steps, args.warmup, device)
                 row["speed_vs_monai_autocast"] = row["monai_autocast_s"] / row["ours_autocast_s"]
             except Exception as e:  # noqa: BLE001 - MONAI's MAE fails under bf16 autocast (index_put dtypes)
                 row["monai_autocast_s"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
             ref = ref.to(bf16)  # bf16 weights, no autocast: what DeepSpeed's bf16 mode runs, and MONAI's MAE allows
-            row["monai_bf16_weights_s"] = timed(_step(ref, x.to(bf16), None, ref_loss), args.steps, args.warmup, device)
+            row["monai_bf16_weights_s"] = timed(
+                train_step(ref, x.to(bf16), None, ref_loss), args.steps, args.warmup, device
+            )
             row["speed_vs_monai_bf16_weights"] = row["monai_bf16_weights_s"] / row["ours_bf16_weights_s"]
             del ref
         except Exception as e:  # noqa: BLE001
@@ -222,137 +172,6 @@ def section_model(args, device):
         out["rows"].append(row)
         print(f"  model b={b}: {row}", flush=True)
         del ours
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return out
-
-
-def engine_step(args, device, b: int, stage: int = 2, timers: bool = False):
-    """A ViT-B/16 MAE train step in our DeepSpeed engine (one process), on a fixed random batch of ``b`` crops.
-
-    ``timers`` puts DeepSpeed's synchronised throughput timer back (its default, which our JSON switches off)."""
-    from medmae.distributed import DistributedConfig, create_engine
-    from medmae.distributed import engine as engine_mod
-    from medmae.training.config import OptimConfig
-    from medmae.training.optim import build_optimizer
-
-    build = engine_mod.build_deepspeed_config
-
-    def with_timer(*a, **k):
-        ds = build(*a, **k)
-        ds.pop("timers", None)
-        return ds
-
-    engine_mod.build_deepspeed_config = with_timer if timers else build
-    try:
-        torch.manual_seed(0)
-        model = create_model("mae_vit_base_patch16_3d", **model_kwargs(args))
-        cfg = DistributedConfig(num_workers=1, zero_stage=stage, precision="bf16" if device.type == "cuda" else "auto")
-        eng = create_engine(
-            model,
-            build_optimizer(model, OptimConfig(), 1e-4, device.type),
-            cfg,
-            micro_batch=b,
-            grad_accum=1,
-            grad_clip=1.0,
-        )
-    finally:
-        engine_mod.build_deepspeed_config = build
-    x = torch.randn(b, 1, *model.cfg.img_size, device=device, dtype=eng.dtype)
-
-    def step():
-        loss = eng(x)[0]
-        eng.backward(loss)
-        eng.step()
-
-    return step
-
-
-def _engine_run(args, device, b, timers: bool):
-    step = engine_step(args, device, b, timers=timers)
-    t = timed(step, args.steps, args.warmup, device)
-    syncs = None
-    if device.type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(3):
-                step()
-        torch.cuda.synchronize()
-        syncs = sum(e.count for e in prof.key_averages() if e.key in ("cudaDeviceSynchronize",)) / 3
-    return {"step_s": t, "crops_per_s": b / t, "device_syncs_per_step": syncs}
-
-
-def section_engine(args, device):
-    b = args.batch[-1]
-    ours = _engine_run(args, device, b, timers=False)
-    old = _engine_run(args, device, b, timers=True)
-    return {
-        "batch": b,
-        "zero": 2,
-        "ours": ours,
-        "with_throughput_timer": old,
-        "timer_cost": old["step_s"] / ours["step_s"],
-    }
-
-
-def _profile_steps(step, device, n: int = 3) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            step()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / n
-    events = prof.key_averages()
-
-    def self_device(e):
-        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-
-    gpu = [e for e in events if e.device_type.name == "CUDA"]
-    busy = sum(self_device(e) for e in gpu) / n / 1e6
-    cpu = sorted((e for e in events if e.device_type.name == "CPU"), key=lambda e: e.self_cpu_time_total, reverse=True)
-    return {
-        "wall_ms": wall * 1e3,
-        "gpu_busy_ms": busy * 1e3,
-        "gpu_busy_fraction": busy / wall,
-        "kernels_per_step": sum(e.count for e in gpu) / n,
-        "syncs_per_step": sum(e.count for e in events if "Synchronize" in e.key) / n,
-        "top_host_ops_ms": {e.key[:60]: round(e.self_cpu_time_total / n / 1e3, 2) for e in cpu[:10]},
-        "top_kernels_ms": {
-            e.key[:60]: round(self_device(e) / n / 1e3, 2) for e in sorted(gpu, key=self_device, reverse=True)[:6]
-        },
-    }
-
-
-def section_profile(args, device):
-    if device.type != "cuda":
-        return {"skipped": "no CUDA"}
-    b, model, x = _vit_b(args, device)
-    out = {"batch": b, "model_alone": _profile_steps(_step(model, x, None), device)}
-    del model
-    step = engine_step(args, device, b, stage=2)
-    out["deepspeed_zero2"] = _profile_steps(step, device)
-    return out
-
-
-def section_zero(args, device):
-    b = args.batch[-1]
-    out: dict = {"batch": b}
-    for stage in (0, 1, 2):
-        step = engine_step(args, device, b, stage=stage)
-        row = {"step_s": timed(step, args.steps, args.warmup, device)}
-        if device.type == "cuda":
-            prof = _profile_steps(step, device)
-            row.update({k: prof[k] for k in ("gpu_busy_fraction", "kernels_per_step", "syncs_per_step")})
-        row["crops_per_s"] = b / row["step_s"]
-        out[f"zero{stage}"] = row
-        print(f"  zero {stage}: {row}", flush=True)
-        del step
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out
@@ -459,16 +278,31 @@ def section_train(args, device):
 def section_compile(args, device):
     if device.type != "cuda":
         return {"skipped": "no CUDA"}
-    b, model, x = _vit_b(args, device)
-    eager = timed(_step(model, x, None), args.steps, args.warmup, device)
+    b, model, x = vit_b(args, device)
+    eager = timed(train_step(model, x, None), args.steps, args.warmup, device)
     compiled = torch.compile(model)
     t0 = time.perf_counter()
-    step = _step(compiled, x, None)
+    step = train_step(compiled, x, None)
     step()
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0
     t = timed(step, args.steps, args.warmup, device)
     return {"batch": b, "eager_s": eager, "compiled_s": t, "speedup": eager / t, "compile_s": compile_s}
+
+
+SECTION_FUNCS = {
+    "env": section_env,
+    "sdpa": section_sdpa,
+    "model": section_model,
+    "engine": section_engine,
+    "zero": section_zero,
+    "profile": section_profile,
+    "pinned": section_pinned,
+    "loader": section_loader,
+    "train": section_train,
+    "compile": section_compile,
+}
+assert tuple(SECTION_FUNCS) == SECTIONS
 
 
 def main() -> None:
@@ -499,7 +333,7 @@ def main() -> None:
         t0 = time.perf_counter()
         print(f"== {section}", flush=True)
         try:
-            results[section] = globals()[f"section_{section}"](args, device)
+            results[section] = SECTION_FUNCS[section](args, device)
         except Exception as e:  # noqa: BLE001 - one broken section must not cost the others
             results[section] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
         results[section + "_seconds"] = round(time.perf_counter() - t0, 1)
