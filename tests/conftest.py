@@ -54,6 +54,28 @@ def shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def xray_shards(tmp_path_factory):
+    """Four small 8-bit PNG radiographs (written by ITK) with two findings in a CSV, converted with the xray preset
+    (one for validation): the 2D classification data of the loader tests, which only read it."""
+    import itk
+    import numpy as np
+
+    from medmae.data.convert import ConvertOptions, convert
+    from medmae.data.synthetic import make_phantom
+
+    root = tmp_path_factory.mktemp("xray")
+    rows = ["image,effusion,mass"]
+    for i in range(4):
+        img = (make_phantom((48, 40), 2, seed=i, kind="xray")[0][0] * 255).astype(np.uint8)
+        itk.imwrite(itk.image_from_array(np.ascontiguousarray(img.T)), str(root / f"x{i}.png"))
+        rows.append(f"x{i}.png,{i % 2},{int(i == 3)}")
+    (root / "x.csv").write_text("\n".join(rows) + "\n")
+    opts = ConvertOptions(preset="xray", val_fraction=0.25, workers=0)
+    assert convert(root / "x.csv", root / "out", opts, progress=False).ok
+    return root / "out"
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 endpoint for the whole session: moto's standalone server in its own process on 127.0.0.1 (a free
     port), stopped at the end. Sets ``AWS_ENDPOINT_URL``, dummy credentials and the region in ``os.environ`` for the

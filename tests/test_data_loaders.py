@@ -226,21 +226,9 @@ def test_config_validation_and_loader_errors(datasets):
         build_train_loader(cfg_for(root, "wds"), batch_size=16, world_size=2)
 
 
-def test_2d_classification_resized_crops(tmp_path):
-    import itk
-
-    rows = ["image,effusion,mass"]
-    for i in range(4):
-        img = (make_phantom((48, 40), 2, seed=i, kind="xray")[0][0] * 255).astype(np.uint8)
-        itk.imwrite(itk.image_from_array(np.ascontiguousarray(img.T)), str(tmp_path / f"x{i}.png"))
-        rows.append(f"x{i}.png,{i % 2},{int(i == 3)}")
-    (tmp_path / "x.csv").write_text("\n".join(rows) + "\n")
-    out = tmp_path / "out"
-    assert convert(
-        tmp_path / "x.csv", out, ConvertOptions(preset="xray", val_fraction=0.25, workers=0), progress=False
-    ).ok
+def test_2d_classification_resized_crops(xray_shards):
     cfg = DataConfig(
-        path=str(out),
+        path=str(xray_shards),
         spatial_dims=2,
         roi_size=(32, 32),
         crop="resized",

@@ -18,7 +18,7 @@ from medmae.data.convert.writers import iter_shard_samples
 from medmae.data.pipeline import SkipCounters
 from medmae.data.sources import VolumeSource, resolve_sources
 from medmae.data.stream import resident_budget_bytes
-from medmae.data.synthetic import make_phantom, write_phantom_dataset
+from medmae.data.synthetic import write_phantom_dataset
 
 SHAPE = (24, 24, 20)
 NO_AUG = dict(flip_prob=0.0, rot90_prob=0.0, intensity_shift=0.0, intensity_scale=0.0)
@@ -306,20 +306,10 @@ def test_corrupt_shards_skipped_and_counted(data, tmp_path):
 
 
 @pytest.mark.parametrize("loader", ["resident", "stream"])
-def test_2d_resized_classification(tmp_path, loader):
-    import itk
-
-    rows = ["image,effusion,mass"]
-    for i in range(4):
-        img = (make_phantom((48, 40), 2, seed=i, kind="xray")[0][0] * 255).astype(np.uint8)
-        itk.imwrite(itk.image_from_array(np.ascontiguousarray(img.T)), str(tmp_path / f"x{i}.png"))
-        rows.append(f"x{i}.png,{i % 2},{int(i == 3)}")
-    (tmp_path / "x.csv").write_text("\n".join(rows) + "\n")
-    out = tmp_path / "out"
-    assert convert(
-        tmp_path / "x.csv", out, ConvertOptions(preset="xray", val_fraction=0.25, workers=0), progress=False
-    ).ok
-    cfg = DataConfig(path=str(out), spatial_dims=2, roi_size=(32, 32), crop="resized", num_workers=0, loader=loader)
+def test_2d_resized_classification(xray_shards, loader):
+    cfg = DataConfig(
+        path=str(xray_shards), spatial_dims=2, roi_size=(32, 32), crop="resized", num_workers=0, loader=loader
+    )
     b = next(build(cfg, batch_size=4, with_labels=True))
     assert b["image"].shape == (4, 1, 32, 32) and b["label"].shape == (4, 2) and b["label"].dtype == torch.float32
     assert set(b["label"].flatten().tolist()) <= {0.0, 1.0}
