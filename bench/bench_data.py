@@ -1,19 +1,21 @@
 #!/usr/bin/env python
-"""Data-path benchmark: random crops/s from wds shards and Zarr vs MONAI LoadImaged on the same sources, converter
-throughput vs plain nibabel decode, and the resident crop path against today's path and the model's own rate.
+"""Data-path benchmark: random crops/s of the training stream (wds shards and Zarr) vs MONAI's LoadImaged pipeline
+on the same sources, converter throughput vs plain nibabel decode, and the training stream against the model's own
+rate.
 
     python bench/bench_data.py --quick        # small generated volumes, < 1 min
     python bench/bench_data.py                # CT-sized volumes (384x384x128 int16 -> 1.5x1.5x2 mm), 96^3 crops
     python bench/bench_data.py --resident-only   # only the loader vs model table (skips converter and MONAI rows)
 
-Sources are synthetic CT phantoms written as .nii.gz (int16 HU, like scanner exports). All loaders use the same
-worker count, crop size, crops per volume and augmentations; MONAI's pipeline decodes and resamples every volume it
-crops, as an uncached MONAI training loop does.
+Sources are synthetic CT phantoms written as .nii.gz (int16 HU, like scanner exports). Both pipelines use the same
+worker count, crop size and augmentations; MONAI's pipeline decodes and resamples every volume it crops (4 crops a
+volume), as an uncached MONAI training loop does, or holds them all in RAM with ``--cache`` (CacheDataset, the
+analogue of our resident set).
 
-The last table is issue 12's: crops/s of today's per-crop path, of the resident path on the CPU (and on the GPU when
-present), next to the crops/s of a full training step (forward, backward, AdamW; bf16) of the debug MAE and of
-ViT-B/16 on the same device, and the ratio loader / model. "Per core" divides by the CPU seconds the loader's
-processes (main + workers) spent, so it is fair to paths that use their cores differently.
+The last table: crops/s of the training stream (resident crops) on the CPU (and on the GPU when present), next to
+the crops/s of a full training step (forward, backward, AdamW; bf16) of the debug MAE and of ViT-B/16 on the same
+device, and the ratio loader / model. "Per CPU-s" divides by the CPU seconds the loader's processes (main +
+workers) spent.
 ``measure_loader(device, tiny)`` is the same measurement for ``bench/gpu_check.py``.
 """
 
@@ -31,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medmae.data import DataConfig, build_train_loader, build_train_stream, read_manifest  # noqa: E402
+from medmae.data import DataConfig, build_train_stream, read_manifest  # noqa: E402
 from medmae.data.convert import ConvertOptions, convert  # noqa: E402
 from medmae.data.synthetic import make_phantom  # noqa: E402
 
@@ -112,7 +114,7 @@ def monai_loader(dl: Path, args, spacing, cache: bool):
         ScaleIntensityRanged("image", a_min=-175, a_max=250, b_min=0.0, b_max=1.0, clip=True),
     ]
     rand = [
-        RandSpatialCropSamplesd(keys, roi_size=args.roi, num_samples=args.crops_per_volume, random_size=False),
+        RandSpatialCropSamplesd(keys, roi_size=args.roi, num_samples=MONAI_CROPS, random_size=False),
         *[RandFlipd(keys, prob=0.1, spatial_axis=d) for d in range(3)],
         RandRotate90d(keys, prob=0.1, max_k=3),
         RandShiftIntensityd("image", offsets=0.1, prob=0.5),
@@ -122,16 +124,17 @@ def monai_loader(dl: Path, args, spacing, cache: bool):
         ds = CacheDataset(files, Compose(det + rand), num_workers=args.workers, progress=False)
     else:
         ds = Dataset(files, Compose(det + rand))
-    bs = max(1, args.batch_size // args.crops_per_volume)  # each item yields crops_per_volume crops
+    bs = max(1, args.batch_size // MONAI_CROPS)  # each item yields MONAI_CROPS crops
     sampler = RandomSampler(ds, replacement=True, num_samples=10**6)
     loader = DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=args.workers, collate_fn=list_data_collate)
-    return loader, bs * args.crops_per_volume
+    return loader, bs * MONAI_CROPS
 
 
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+MONAI_CROPS = 4  # crops MONAI cuts from each decoded volume (the reference's num_samples)
 
 
-# ---- issue 12: the resident crop path vs today's path vs the model ----------------------------------------------
+# ---- the training stream vs the model ---------------------------------------------------------------------------
 def cpu_seconds() -> float:
     """CPU seconds used so far by this process and its children (the loaders' worker processes)."""
     import psutil
@@ -218,10 +221,10 @@ def resident_table(
     crop: str = "random",
     models=CT_MODELS,
 ) -> dict:
-    """The issue-12 figures over a converted dataset: today's path (and for 2D the same per-crop path as a
-    persistent ``TrainStream``), the resident path on the CPU (float32 and float16 out) and the GPU if present, and
-    the models' training rates on each device. On a CPU the ratio loader / model compares crops per CPU second
-    (both would share the cores; other load on the machine does not distort it); on a GPU it compares crops/s."""
+    """Loader vs model over a converted dataset: the training stream on the CPU (float32 and float16 out) and the
+    GPU if present, and the models' training rates on each device. On a CPU the ratio loader / model compares crops
+    per CPU second (both would share the cores; other load on the machine does not distort it); on a GPU it compares
+    crops/s."""
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     devices = [device] if device is not None else devices
     dims = len(roi)
@@ -231,27 +234,15 @@ def resident_table(
         roi_size=tuple(roi),
         num_workers=workers,
         crop=crop,
-        samples_per_epoch=10**6,
-        crops_per_volume=4 if dims == 3 else 2,
     )
     out = {"roi": list(roi), "workers": workers, "volumes": len(read_manifest(path)["samples"]), "rows": {}}
     min_s = 1.5 if quick else 4.0
-    cpu = torch.device("cpu")
-    if cpu in devices:
-        cfg = DataConfig(**common, shuffle_buffer=4, crop_shuffle_buffer=8)
-        out["rows"]["today, cpu"] = loader_rate(build_train_loader(cfg, batch_size=4), 4, cpu, min_s)
-        if dims == 2:  # the per-crop path in the loader workers (data.loader: stream), the 2D alternative
-            stream = build_train_stream(DataConfig(**common, loader="stream"), batch_size=8, device=cpu)
-            out["rows"]["stream (per crop), cpu"] = loader_rate(stream, 8, cpu, min_s)
-            stream.close()
     for dev in devices:
         cuda = dev.type == "cuda"
         batch = (128 if dims == 3 else 256) if cuda else 8
         variants = [torch.float32] + ([torch.float16] if not cuda and not quick else [])
         for dtype in variants:
-            stream = build_train_stream(
-                DataConfig(**common, loader="resident"), batch_size=batch, device=dev, dtype=dtype
-            )
+            stream = build_train_stream(DataConfig(**common), batch_size=batch, device=dev, dtype=dtype)
             row = loader_rate(stream, batch, dev, min_s)
             row["crop_kernel_per_s"] = crop_kernel_rate(stream, 4 if quick else 10, dev)
             if cuda:  # the other gather, and the model's bf16 straight out of the kernel
@@ -299,8 +290,7 @@ def make_xrays(folder: Path, n: int, shape=(1024, 1024)) -> Path:
 def print_table(res: dict) -> None:
     rows = res["rows"]
     what = "random resized crops" if len(res["roi"]) == 2 else "crops"
-    print(f"\nissue 12: {tuple(res['roi'])} {what}, {res['workers']} loader workers: loader vs model")
-    today = rows.get("today, cpu")
+    print(f"\n{tuple(res['roi'])} {what}, {res['workers']} loader workers: the training stream vs the model")
     for name, r in rows.items():
         if "model" in r:
             m = r["model"]
@@ -309,7 +299,6 @@ def print_table(res: dict) -> None:
                 f"  {'train step ' + name:36s} {m['crops_per_s']:9.1f} crops/s {cpu}   loader/model {r['ratio']:7.2f}"
             )
             continue
-        vs = f"  {r['crops_per_cpu_s'] / today['crops_per_cpu_s']:6.1f}x today per core" if today else ""
         kern = f", crop kernel alone {r['crop_kernel_per_s']:.0f}/s" if "crop_kernel_per_s" in r else ""
         if "crop_kernel_slices_per_s" in r:
             kern += (
@@ -317,12 +306,12 @@ def print_table(res: dict) -> None:
             )
         print(
             f"  {name:36s} {r['crops_per_s']:9.1f} crops/s {r['crops_per_cpu_s']:8.1f} per CPU-s "
-            f"({r['cores_busy']:.1f} cores busy){vs}{kern}"
+            f"({r['cores_busy']:.1f} cores busy){kern}"
         )
 
 
 def measure_loader(device: torch.device | str, tiny: bool = False) -> dict:
-    """Issue 12's loader-vs-model figures on ``device``, on a dataset generated here (for bench/gpu_check.py):
+    """The loader-vs-model figures on ``device``, on a dataset generated here (for bench/gpu_check.py):
     CT-sized volumes (256x256x160 after resampling, 96^3 crops), or with ``tiny`` small ones (96x96x64, 48^3
     crops; < 30 s on a 2-core CPU)."""
     import os
@@ -357,7 +346,7 @@ def main() -> None:
     p.add_argument("--resident-only", action="store_true", help="only the loader vs model table")
     args = p.parse_args()
     src_shape, src_spacing, spacing = (384, 384, 128), (1.0, 1.0, 2.5), (1.5, 1.5, 2.0)
-    args.roi, args.crops_per_volume, args.batch_size = (96, 96, 96), 4, 4
+    args.roi, args.batch_size = (96, 96, 96), 4
     n, batches = args.volumes or 8, args.batches or 10
     if args.quick:
         src_shape, args.roi = (128, 128, 64), (48, 48, 48)
@@ -378,8 +367,7 @@ def main() -> None:
     dl = make_sources(work / "src", n, src_shape, src_spacing)
 
     print(
-        f"sources: {n} x {src_shape} int16 .nii.gz, {args.workers} workers, crops {args.roi}, "
-        f"{args.crops_per_volume} crops/volume, batch {args.batch_size}"
+        f"sources: {n} x {src_shape} int16 .nii.gz, {args.workers} workers, crops {args.roi}, batch {args.batch_size}"
     )
     import monai.transforms  # noqa: F401 - one-time import cost is not throughput
 
@@ -398,20 +386,12 @@ def main() -> None:
     for name, v in rows:
         print(f"  {name:48s} {v:8.1f} MB/s   {v / rows[0][1]:5.2f}x decode")
 
-    common = dict(
-        roi_size=args.roi,
-        crops_per_volume=args.crops_per_volume,
-        num_workers=args.workers,
-        samples_per_epoch=10**6,
-        shuffle_buffer=4,
-        crop_shuffle_buffer=8,
-    )
     speeds = {}
     for fmt in ("wds", "zarr"):
-        loader = build_train_loader(
-            DataConfig(path=str(work / fmt), format=fmt, **common), batch_size=args.batch_size, with_labels=True
-        )
-        speeds[fmt] = crops_per_second(loader, batches, args.batch_size)
+        cfg = DataConfig(path=str(work / fmt), format=fmt, roi_size=args.roi, num_workers=args.workers)
+        stream = build_train_stream(cfg, batch_size=args.batch_size, with_labels=True, device="cpu")
+        speeds[fmt] = crops_per_second(stream, batches, args.batch_size)
+        stream.close()
     loader, per_batch = monai_loader(dl, args, spacing, cache=False)
     speeds["monai"] = crops_per_second(loader, max(2, batches // 3), per_batch)
     if args.cache:
@@ -419,8 +399,8 @@ def main() -> None:
         speeds["monai_cache"] = crops_per_second(loader, batches, per_batch)
     print(f"\nrandom {args.roi} crops/s with labels, {args.workers} workers")
     names = {
-        "wds": "wds shards",
-        "zarr": "Zarr",
+        "wds": "training stream, wds shards",
+        "zarr": "training stream, Zarr",
         "monai": "MONAI LoadImaged (uncached)",
         "monai_cache": "MONAI CacheDataset (all in RAM)",
     }

@@ -36,12 +36,9 @@ def run(workers: int, args, data: Path, out: Path, stage: int) -> dict:
         None,
         [
             f"model.name={args.model}",
-            f"model.img_size=[{args.size},{args.size},{args.size}]",
             f"data.path={data}",
             f"data.roi_size=[{args.size},{args.size},{args.size}]",
             "data.num_workers=1",
-            f"data.samples_per_epoch={args.steps * args.batch * workers}",
-            "data.crops_per_volume=4",
             f"train.max_steps={args.steps}",
             f"train.micro_batch={args.batch}",
             "run.log_every=1",

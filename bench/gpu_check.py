@@ -245,7 +245,6 @@ def section_train(args, device):
             "dist.num_workers=1",
             "dist.zero_stage=2",
             f"data.num_workers={2 if args.tiny else 8}",
-            f"data.samples_per_epoch={micro * 1000}",
         ]
         if not args.tiny:
             overrides += ["model.name=mae_vit_base_patch16_3d", "data.roi_size=[96,96,96]", "dist.precision=bf16"]

@@ -193,6 +193,10 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(names))
+    removed = getattr(cls, "removed_keys", {})  # keys a component dropped, with the reason (ClassVar)
+    for key in unknown:
+        if key in removed:
+            raise ValueError(f"config key '{prefix}{key}' was removed ({removed[key]}): delete it from the config")
     if unknown:
         raise ValueError(
             f"unknown config key '{prefix}{unknown[0]}'; valid keys under "

@@ -15,6 +15,8 @@ import uuid
 
 import pytest
 
+PHANTOM_SHAPE = (24, 24, 20)  # phantom_sets' volume shape
+
 
 @pytest.fixture(scope="module")
 def ray_session(request):
@@ -51,6 +53,33 @@ def shards(tmp_path_factory):
     opts = ConvertOptions(format="wds", preset="ct", workers=0, shard_size_mb=0.1)
     convert(datalist, root / "wds", opts, progress=False)
     return root / "wds"
+
+
+@pytest.fixture(scope="session")
+def phantom_sets(tmp_path_factory):
+    """Converted phantoms: ``ct`` (8 volumes, 6 train, ~2 per shard) as wds and Zarr, ``ct2`` (another 6 train
+    volumes), ``ct2_spacing`` (ct2 at another spacing) and ``mri2`` (2-channel MRI), all 24 x 24 x 20: the data of
+    the stream and validation-loader tests, which only read it."""
+    from medmae.data.convert import ConvertOptions, convert
+    from medmae.data.synthetic import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("streams")
+    out = {}
+
+    def conv(name, src, **kw):
+        opts = dict(format="wds", preset="ct", shard_size_mb=0.07, zarr_chunk=8, workers=0)
+        assert convert(src, root / name, ConvertOptions(**{**opts, **kw}), progress=False).ok
+        out[name] = root / name
+
+    ct = write_phantom_dataset(root / "src_ct", n=8, shape=PHANTOM_SHAPE, num_classes=3)
+    ct2 = write_phantom_dataset(root / "src_ct2", n=8, shape=PHANTOM_SHAPE, num_classes=3, seed=50)
+    mri = write_phantom_dataset(root / "src_mri", n=4, shape=PHANTOM_SHAPE, channels=2, kind="mri")
+    conv("ct", ct)
+    conv("ct_zarr", ct, format="zarr")
+    conv("ct2", ct2)
+    conv("ct2_spacing", ct2, spacing=(2.0, 2.0, 2.0))
+    conv("mri2", mri, preset="mri")
+    return out
 
 
 @pytest.fixture(scope="session")

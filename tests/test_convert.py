@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from medmae.data.convert import ConvertOptions, convert, read_manifest, verify
-from medmae.data.convert.writers import iter_shard_samples, read_zarr_sample
+from medmae.data.storage import iter_shard_samples, read_zarr_sample
 from medmae.data.synthetic import make_phantom, write_dicom_series, write_phantom_dataset
 
 REPO = Path(__file__).resolve().parents[1]

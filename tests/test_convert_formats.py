@@ -15,7 +15,7 @@ import pydicom
 import pytest
 
 from medmae.data.convert import ConvertOptions, convert, read_manifest, verify
-from medmae.data.convert.writers import iter_shard_samples
+from medmae.data.storage import iter_shard_samples
 from medmae.data.synthetic import make_phantom, write_dicom_series, write_phantom_dataset
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"

@@ -12,8 +12,8 @@ import pytest
 
 from medmae.data import DataConfig, build_val_loader
 from medmae.data.convert import ConvertOptions, convert, read_manifest, verify
-from medmae.data.convert.writers import iter_shard_samples
-from medmae.data.loaders import train_keys
+from medmae.data.sources import train_keys
+from medmae.data.storage import iter_shard_samples
 from medmae.data.synthetic import make_phantom
 
 NIH_COLUMNS = [
@@ -94,7 +94,7 @@ def test_cxr14_official_lists_and_patient_wise_validation(tmp_path):
 
     # the loaders read train and validation only: the test images stay unseen until the final evaluation
     cfg = DataConfig(path=str(out), spatial_dims=2, roi_size=(32, 32), crop="resized", num_workers=0)
-    assert set(train_keys(cfg, manifest)) == {k for k, s in split_of.items() if s == "train"}
+    assert set(train_keys(cfg, cfg.path, manifest)) == {k for k, s in split_of.items() if s == "train"}
     assert {item["key"] for item in build_val_loader(cfg)} == {k for k, s in split_of.items() if s == "validation"}
 
 

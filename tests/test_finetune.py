@@ -62,7 +62,6 @@ def test_unetr_learns_an_easy_segmentation(tmp_path, seg_shards):
         seg_shards,
         "run.name=learn",
         "train.max_steps=200",
-        "data.samples_per_epoch=1600",
         "run.val_every=100",
         "optim.lr=3e-3",
         "optim.layer_decay=1.0",
@@ -77,7 +76,7 @@ def test_unetr_learns_an_easy_segmentation(tmp_path, seg_shards):
     assert set(best["dice"]) == set(best["hd95"]) and len(best["dice"]) == 2  # background excluded
     assert np.isfinite(best["mean_hd95"]) and best["volumes"] == 2
     for name in ("best_model.safetensors", "model.safetensors"):
-        from medmae.models import load_finetuned
+        from medmae.tasks.model_file import load_finetuned
 
         model, meta = load_finetuned(run / name)
         assert meta["task"] == "segment" and meta["num_classes"] == 3
@@ -136,7 +135,6 @@ def test_brats_regions_train_and_validate_per_region(tmp_path_factory):
         "finetune.labels=brats_regions",
         "model.in_chans=4",
         "train.max_steps=3",
-        "data.samples_per_epoch=24",
     )
     trainer = _trainer(cfg)
     trainer.train()
@@ -193,7 +191,6 @@ def test_classification_learns_and_reports_the_best_model_on_the_official_test_l
             "data.crop=resized",
             "data.resized_min_scale=0.8",
             "data.num_workers=0",
-            "data.samples_per_epoch=64",
             "train.max_steps=40",
             "train.micro_batch=8",
             "optim.lr=2e-3",
@@ -237,7 +234,6 @@ def test_deepspeed_launcher_two_cpu_processes_writes_results(tmp_path, seg_shard
         "run.name=ds",
         "train.max_steps=6",
         "data.num_workers=0",
-        "data.samples_per_epoch=48",
         "run.log_every=3",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)

@@ -88,7 +88,6 @@ def test_elastic_pretraining_grows_onto_a_new_node_and_survives_losing_one(ray_c
             f"dist.storage_path={storage}",
             "run.name=elastic",
             "data.num_workers=0",
-            "data.samples_per_epoch=64",
             "run.log_every=1",
             "run.image_every=0",
             "dist.min_workers=1",

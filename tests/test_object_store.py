@@ -1,7 +1,7 @@
 """The whole path against ``s3://`` on a real S3 server (moto, the ``s3_server`` fixture): data converted into the
-bucket by tools/to_wds.py, loaders streaming shards and reading Zarr chunks from it, Ray Train checkpoints in it
-(``dist.storage_path``), a killed run resumed from them, the exported encoder read from it by fine-tuning and the
-sweep."""
+bucket by tools/to_wds.py, the training stream and the validation loader reading shards and Zarr from it, Ray Train
+checkpoints in it (``dist.storage_path``), a killed run resumed from them, the exported encoder read from it by
+fine-tuning and the sweep."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ import torch
 from conftest import committed_step, make_bucket
 
 from medmae.config import from_dict, load_config, to_dict
-from medmae.data import DataConfig, build_train_loader, build_val_loader
+from medmae.data import DataConfig, build_train_stream, build_val_loader, read_manifest
 from medmae.data.convert.options import ConvertOptions
 from medmae.data.convert.run import convert
+from medmae.data.storage import iter_shard_samples
 from medmae.data.synthetic import write_phantom_dataset
 from medmae.models import read_encoder
 from medmae.training.config import JobConfig
@@ -65,24 +66,27 @@ def datasets(tmp_path_factory, s3_server) -> dict[str, str]:
 
 @pytest.mark.parametrize("fmt, credentials", [("wds", "environment"), ("zarr", "storage_options")])
 def test_loaders_read_the_bucket(datasets, s3_server, monkeypatch, fmt, credentials):
-    """Training batches from a DataLoader worker process and whole validation volumes, byte-equal to the local
-    conversion's; endpoint and credentials from the usual variables or from ``data.storage_options``."""
+    """Training crops cut from volumes a DataLoader worker process read from the bucket, and whole validation
+    volumes, byte-equal to the local conversion's; endpoint and credentials from the usual variables or from
+    ``data.storage_options``."""
     options = {}
     if credentials == "storage_options":
         options = {"endpoint_url": s3_server, "key": "testing", "secret": "testing"}
         for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             monkeypatch.delenv(name)
-    cfg = DataConfig(
-        path=datasets[fmt],
-        format=fmt,
-        roi_size=(16, 16, 16),
-        num_workers=1,
-        samples_per_epoch=8,
-        storage_options=options,
-    )
-    batches = list(build_train_loader(cfg, batch_size=2, seed=1))
-    assert len(batches) == 4 and all(b["image"].shape == (2, 1, 16, 16, 16) for b in batches)
-    assert all(torch.isfinite(b["image"]).all() and b["image"].std() > 0 for b in batches)
+    no_aug = dict(flip_prob=0.0, rot90_prob=0.0, intensity_shift=0.0, intensity_scale=0.0)
+    cfg = DataConfig(path=datasets[fmt], format=fmt, roi_size=SHAPE, num_workers=1, storage_options=options, **no_aug)
+    local = datasets["local"]
+    stored = {
+        s["key"]: s["image"].astype("float32")
+        for sh in read_manifest(local)["shards"]
+        for s in iter_shard_samples(f"{local}/{sh['name']}")
+        if s["meta"]["split"] == "train"
+    }
+    stream = build_train_stream(cfg, batch_size=2, seed=1, device="cpu")
+    crops = [img for _ in range(4) for img in next(stream)["image"]]
+    stream.close()
+    assert all(sum(torch.equal(c[0], torch.from_numpy(v[0])) for v in stored.values()) == 1 for c in crops)
     [remote] = list(build_val_loader(cfg))
     [local] = list(build_val_loader(DataConfig(path=datasets["local"], roi_size=(16, 16, 16), num_workers=0)))
     assert remote["key"] == local["key"] and remote["image"].shape == (1, 1, *SHAPE)
@@ -121,7 +125,6 @@ def test_checkpoints_in_the_bucket_resume_a_killed_run_and_hold_the_encoder(ray_
         f"dist.storage_path={storage}",
         "run.name=s3",
         "data.num_workers=0",
-        "data.samples_per_epoch=64",
         "run.log_every=1",
         "run.image_every=0",
         "run.checkpoint_every=4",

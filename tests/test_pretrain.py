@@ -29,7 +29,6 @@ def _config(tmp_path: Path, shards: Path, *overrides: str) -> JobConfig:
             f"run.output_dir={tmp_path / 'runs'}",
             f"dist.storage_path={tmp_path / 'ray'}",
             "data.num_workers=0",
-            "data.samples_per_epoch=64",
             "run.log_every=1",
         ]
         + list(overrides),

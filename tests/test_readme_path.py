@@ -181,7 +181,6 @@ def test_readme_commands_from_a_clean_clone(tmp_path):
             "run.checkpoint_every=4",
             "run.val_every=0",
             "data.num_workers=0",
-            "data.samples_per_epoch=16",
             "finetune.sw_overlap=0",
         ]
         tuned = _run([*finetune, *quick], clone, env, timeout=400)

@@ -1,10 +1,10 @@
-"""The resident crop path against today's per-crop path: the same crop and augmentation operators (exactly, per
-parameter set, against MONAI's transforms) and the same distributions (two-sample tests over many draws)."""
+"""The resident crop path against references: the same crop and augmentation operators (exactly, per parameter set,
+against MONAI's transforms) and the same distributions as MONAI's per-crop transforms, the documented label-balanced
+rule and torchvision's RandomResizedCrop (two-sample tests over many draws)."""
 
 from __future__ import annotations
 
 import dataclasses
-import random
 
 import numpy as np
 import pytest
@@ -12,8 +12,6 @@ import torch
 from scipy import stats
 
 from medmae.data import DataConfig
-from medmae.data.crops import crop_starts, read_crop
-from medmae.data.pipeline import Cropper, WorkerRng
 from medmae.data.resident import ResidentSet
 from medmae.data.sampling import CropParams, CropSampler
 from medmae.data.sources import pad_to_roi
@@ -58,14 +56,50 @@ def new_crops(res: ResidentSet, cfg: DataConfig, n: int, seed: int = 0, batch: i
     return out
 
 
-def old_crops(cfg: DataConfig, image, label, fg, n: int, seed: int = 0, task: str = "segmentation") -> list[dict]:
-    rng = WorkerRng(0, 1, np.random.default_rng(seed), random.Random(seed), seed)
-    cropper = Cropper(cfg, task, label is not None, rng)
-    meta = {"fg_points": fg.tolist()}
+def reference_crops(cfg: DataConfig, image, fg, n: int, seed: int = 0) -> list[dict]:
+    """``n`` crops of one volume as the per-crop path documents them: the volume zero-padded to the ROI
+    (``pad_to_roi``), then a uniform start (MONAI's ``RandSpatialCrop``) or, with ``pos_neg``, a start centred on a
+    uniformly drawn foreground point with probability ``pos_fraction`` and clipped into the volume (MONAI's
+    ``correct_crop_centers``); then MONAI's flips, rot90 and intensity transforms; ``resized``: torchvision's
+    ``RandomResizedCrop``. Each crop is ``{"image": (C, *roi) float32}``."""
+    import torchvision.transforms.v2 as tv
+    from monai.transforms import (
+        Compose,
+        RandFlip,
+        RandRotate90,
+        RandScaleIntensity,
+        RandShiftIntensity,
+        RandSpatialCrop,
+    )
+
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    img = torch.from_numpy(np.asarray(image, dtype=np.float32))
+    if cfg.crop == "resized":
+        crop = tv.RandomResizedCrop(cfg.roi_size, scale=(cfg.resized_min_scale, 1.0), antialias=True)
+        return [{"image": crop(img)} for _ in range(n)]
+    padded, _, fg = pad_to_roi(np.asarray(image), None, np.asarray(fg), cfg.roi_size)
+    img = torch.from_numpy(padded.astype(np.float32))
+    ts = [RandFlip(prob=cfg.flip_prob, spatial_axis=d) for d in range(cfg.spatial_dims)]
+    if cfg.roi_size[0] == cfg.roi_size[1]:
+        ts.append(RandRotate90(prob=cfg.rot90_prob, max_k=3, spatial_axes=(0, 1)))
+    ts += [
+        RandShiftIntensity(offsets=cfg.intensity_shift, prob=cfg.intensity_prob if cfg.intensity_shift else 0.0),
+        RandScaleIntensity(factors=cfg.intensity_scale, prob=cfg.intensity_prob if cfg.intensity_scale else 0.0),
+    ]
+    augment = Compose(ts).set_random_state(seed=seed)
+    uniform = RandSpatialCrop(cfg.roi_size, random_size=False).set_random_state(seed=seed + 1)
     out = []
-    while len(out) < n:
-        out += list(cropper(image, label, meta))
-    return out[:n]
+    for _ in range(n):
+        if cfg.crop == "pos_neg" and len(fg) and rng.random() < cfg.pos_fraction:
+            centre = fg[rng.integers(len(fg))]
+            start = [int(np.clip(c - r // 2, 0, s - r)) for c, r, s in zip(centre, cfg.roi_size, padded.shape[1:])]
+            box = (slice(None), *(slice(a, a + r) for a, r in zip(start, cfg.roi_size)))
+            crop = img[box]
+        else:
+            crop = uniform(img)
+        out.append({"image": torch.as_tensor(augment(crop))})
+    return out
 
 
 def coordinate_volume(shape) -> np.ndarray:
@@ -128,8 +162,9 @@ def test_every_flip_and_turn_matches_monai(gather, roi):
     )
     out = res.crop(p)
     for i, (f0, f1, f2, k) in enumerate(combos):
-        img = torch.from_numpy(read_crop(image, starts[i], roi).astype(np.float32))
-        lab = torch.from_numpy(read_crop(label, starts[i], roi, lead=0).astype(np.int64))[None]
+        box = tuple(slice(a, a + r) for a, r in zip(starts[i], roi))
+        img = torch.from_numpy(image[(slice(None), *box)].astype(np.float32))
+        lab = torch.from_numpy(label[box].astype(np.int64))[None]
         for d, f in enumerate((f0, f1, f2)):
             if f:
                 img, lab = Flip(spatial_axis=d)(img), Flip(spatial_axis=d)(lab)
@@ -140,15 +175,13 @@ def test_every_flip_and_turn_matches_monai(gather, roi):
         assert torch.equal(out["label"][i], torch.as_tensor(lab))
 
 
-def test_positions_and_flips_distributed_as_the_old_path():
+def test_positions_and_flips_distributed_as_monai():
     """Start positions (x, y uniform; z centred in padding), flips of each axis and the 8 dihedral results of
     flip + rot90 follow the same distributions as MONAI's per-crop transforms (2 x 3000 crops)."""
-    cfg = DataConfig(
-        roi_size=ROI, flip_prob=0.3, rot90_prob=0.5, intensity_shift=0.0, intensity_scale=0.0, crops_per_volume=10
-    )
+    cfg = DataConfig(roi_size=ROI, flip_prob=0.3, rot90_prob=0.5, intensity_shift=0.0, intensity_scale=0.0)
     image = coordinate_volume((20, 14, 6))  # z smaller than the ROI: centred and padded
     new = [signature(c["image"]) for c in new_crops(resident_with([(image, None, np.zeros((0, 3)))], cfg), cfg, 3000)]
-    old = [signature(c["image"]) for c in old_crops(cfg, image, None, np.zeros((0, 3)), 3000)]
+    old = [signature(c["image"]) for c in reference_crops(cfg, image, np.zeros((0, 3)), 3000)]
     for j, name in enumerate(["x start", "y start", "z profile", "dihedral"]):
         a, b = [s[j] for s in new], [s[j] for s in old]
         assert same_distribution(a, b) > 1e-3, name
@@ -159,14 +192,14 @@ def test_positions_and_flips_distributed_as_the_old_path():
     assert abs(identity - np.mean([s[3] == (0, 0, 1) for s in old])) < 0.04
 
 
-def test_label_balanced_positions_distributed_as_the_old_path():
+def test_label_balanced_positions_distributed_as_the_rule():
     rng = np.random.default_rng(1)
     shape = (30, 20, 16)
     fg = np.concatenate([rng.integers(0, 4, (40, 1)), rng.integers(0, 20, (40, 1)), rng.integers(0, 16, (40, 1))], 1)
-    cfg = DataConfig(roi_size=ROI, crop="pos_neg", pos_fraction=0.7, crops_per_volume=10, **NO_AUG)
+    cfg = DataConfig(roi_size=ROI, crop="pos_neg", pos_fraction=0.7, **NO_AUG)
     image = coordinate_volume(shape)
     new = [signature(c["image"])[:2] for c in new_crops(resident_with([(image, None, fg)], cfg), cfg, 3000)]
-    old = [signature(c["image"])[:2] for c in old_crops(cfg, image, None, fg, 3000)]
+    old = [signature(c["image"])[:2] for c in reference_crops(cfg, image, fg, 3000)]
     assert same_distribution([s[0] for s in new], [s[0] for s in old]) > 1e-3
     assert same_distribution([s[1] for s in new], [s[1] for s in old]) > 1e-3
     near = np.mean([s[0] == 0 for s in new])  # fg x in [0, 4) -> centred start clipped to 0
@@ -181,7 +214,6 @@ def test_intensity_augmentation_distributed_as_monai():
         intensity_shift=0.2,
         intensity_scale=0.3,
         intensity_prob=0.4,
-        crops_per_volume=10,
     )
     image = np.ones((1, 10, 10, 10), np.float16)
     new = np.array(
@@ -190,20 +222,18 @@ def test_intensity_augmentation_distributed_as_monai():
             for c in new_crops(resident_with([(image, None, np.zeros((0, 3)))], cfg), cfg, 3000)
         ]
     )
-    old = np.array([float(c["image"][0, 0, 0, 0]) for c in old_crops(cfg, image, None, np.zeros((0, 3)), 3000)])
+    old = np.array([float(c["image"][0, 0, 0, 0]) for c in reference_crops(cfg, image, np.zeros((0, 3)), 3000)])
     assert stats.ks_2samp(new, old).pvalue > 1e-3
     assert abs(np.mean(new == 1.0) - 0.6**2) < 0.03  # neither shift nor scale applied
     assert new.min() >= (1 - 0.2) * (1 - 0.3) - 1e-6 and new.max() <= (1 + 0.2) * (1 + 0.3) + 1e-6
 
 
-def test_resized_boxes_distributed_as_the_old_path():
-    cfg = DataConfig(
-        spatial_dims=2, roi_size=(16, 16), crop="resized", resized_min_scale=0.2, crops_per_volume=10, **NO_AUG
-    )
+def test_resized_boxes_distributed_as_torchvision():
+    cfg = DataConfig(spatial_dims=2, roi_size=(16, 16), crop="resized", resized_min_scale=0.2, **NO_AUG)
     image = coordinate_volume((64, 40))
     res = resident_with([(image, None, np.zeros((0, 2)))], cfg)
     new = new_crops(res, cfg, 2000)
-    old = old_crops(cfg, image, None, np.zeros((0, 2)), 2000, task="classification")
+    old = reference_crops(cfg, image, np.zeros((0, 2)), 2000)
     assert new[0]["image"].shape == old[0]["image"].shape == (2, 16, 16)
     for ch in (0, 1):  # mean coordinate ~ box centre, spread ~ box size
         for f in (lambda t: t.mean(), lambda t: t.max() - t.min()):
@@ -220,7 +250,6 @@ def test_2d_random_crops_pad_and_flip_like_3d():
         rot90_prob=0.5,
         intensity_shift=0.0,
         intensity_scale=0.0,
-        crops_per_volume=10,
     )
     image = coordinate_volume((12, 6))  # second axis padded
     for gather in ("slices", "index"):
@@ -281,14 +310,15 @@ def test_ring_evicts_oldest_first_and_never_overlaps():
     assert res.crop(p)["image"].shape == (4, 1, 4, 4, 4)
 
 
-def test_old_start_rule_for_small_volumes_is_the_padding_rule():
-    """``pad_to_roi`` puts a too-small axis exactly where ``crop_starts`` centres it."""
+def test_padding_centres_a_small_axis():
+    """``pad_to_roi`` centres a too-small axis: ``(roi - size) - (roi - size) // 2`` zeros before, the rest after."""
     for size in range(1, 8):
         image = coordinate_volume((size, 12, 12))
-        padded, _, _ = pad_to_roi(image, None, np.zeros((0, 3)), ROI)
-        (start,) = crop_starts(image.shape[1:], ROI, 1, np.random.default_rng(0))
-        assert padded.shape[1] == ROI[0]
-        np.testing.assert_array_equal(padded[:, :, :8, :8], read_crop(image, (start[0], 0, 0), ROI))
+        padded, _, fg = pad_to_roi(image, None, np.asarray([[0, 0, 0]]), ROI)
+        before = (ROI[0] - size) - (ROI[0] - size) // 2
+        assert padded.shape[1] == ROI[0] and fg[0, 0] == before
+        np.testing.assert_array_equal(padded[:, before : before + size], image)
+        assert not padded[:, :before].any() and not padded[:, before + size :].any()
 
 
 @pytest.mark.gpu

@@ -19,9 +19,9 @@ from medmae.data.synthetic import write_phantom_dataset
 from medmae.models import ViTClassifier
 from medmae.tasks import Task, register_task, task_class
 from medmae.tasks.finetune import FinetuneOptions, FinetuneTask
+from medmae.tasks.metrics import _per_class_scores, evaluate_segmentation
 from medmae.tasks.segment import RegionLoss
 from medmae.training.config import JobConfig
-from medmae.training.evaluate import _per_class_scores, evaluate_segmentation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -170,7 +170,6 @@ def test_a_new_task_is_one_spec_and_its_registration(tmp_path, foreground_task):
             f"data.path={root / 'wds'}",
             "data.roi_size=[16,16,16]",
             "data.num_workers=0",
-            "data.samples_per_epoch=8",
             f"run.output_dir={tmp_path / 'runs'}",
             "run.name=fg",
             "train.max_steps=3",

@@ -13,12 +13,9 @@ import torch
 
 from medmae.config import from_dict
 from medmae.data import DataConfig, build_train_stream, read_manifest
-from medmae.data.convert import ConvertOptions, convert
-from medmae.data.convert.writers import iter_shard_samples
-from medmae.data.pipeline import SkipCounters
-from medmae.data.sources import VolumeSource, resolve_sources
+from medmae.data.sources import SkipCounters, VolumeSource, resolve_sources, train_keys
+from medmae.data.storage import iter_shard_samples
 from medmae.data.stream import resident_budget_bytes
-from medmae.data.synthetic import write_phantom_dataset
 
 SHAPE = (24, 24, 20)
 NO_AUG = dict(flip_prob=0.0, rot90_prob=0.0, intensity_shift=0.0, intensity_scale=0.0)
@@ -26,26 +23,8 @@ STREAMING = 1e-4  # GiB: 3-4 of the 6 training volumes, so the set streams and r
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Converted phantoms: ``ct`` (8 volumes, 6 train, ~2 per shard) as wds and Zarr, ``ct2`` (another 6 train
-    volumes), ``ct2_spacing`` (ct2 at another spacing) and ``mri2`` (2-channel MRI)."""
-    root = tmp_path_factory.mktemp("streams")
-    out = {}
-
-    def conv(name, src, **kw):
-        opts = dict(format="wds", preset="ct", shard_size_mb=0.07, zarr_chunk=8, workers=0)
-        assert convert(src, root / name, ConvertOptions(**{**opts, **kw}), progress=False).ok
-        out[name] = root / name
-
-    ct = write_phantom_dataset(root / "src_ct", n=8, shape=SHAPE, num_classes=3)
-    ct2 = write_phantom_dataset(root / "src_ct2", n=8, shape=SHAPE, num_classes=3, seed=50)
-    mri = write_phantom_dataset(root / "src_mri", n=4, shape=SHAPE, channels=2, kind="mri")
-    conv("ct", ct)
-    conv("ct_zarr", ct, format="zarr")
-    conv("ct2", ct2)
-    conv("ct2_spacing", ct2, spacing=(2.0, 2.0, 2.0))
-    conv("mri2", mri, preset="mri")
-    return out
+def data(phantom_sets):
+    return phantom_sets
 
 
 def build(cfg: DataConfig, **kw):
@@ -67,10 +46,9 @@ def stored(path) -> dict:
     return {s["key"]: s for sh in read_manifest(path)["shards"] for s in iter_shard_samples(path / sh["name"])}
 
 
-@pytest.mark.parametrize("loader", ["resident", "stream"])
 @pytest.mark.parametrize("name", ["ct", "ct_zarr"])
-def test_batches_on_device_with_labels(data, name, loader):
-    cfg = cfg_for(data[name], loader=loader, crop="pos_neg", pos_fraction=1.0)
+def test_batches_on_device_with_labels(data, name):
+    cfg = cfg_for(data[name], crop="pos_neg", pos_fraction=1.0)
     stream = build(cfg, batch_size=4, with_labels=True, device="cpu", dtype=torch.bfloat16)
     for b in take(stream, 3):
         assert b["image"].shape == (4, 1, 16, 16, 16) and b["image"].dtype == torch.bfloat16
@@ -83,15 +61,67 @@ def test_batches_on_device_with_labels(data, name, loader):
     stream.close()
 
 
-def test_resident_crops_are_the_stored_voxels(data):
-    """A crop the size of the volume, without augmentation, is a stored volume and its label, exactly."""
+def which_volume(crop: torch.Tensor, volumes: dict) -> str:
+    """Key of the stored volume a whole-volume crop equals exactly."""
+    hits = [k for k, v in volumes.items() if np.array_equal(crop.numpy(), v["image"].astype(np.float32))]
+    assert len(hits) == 1
+    return hits[0]
+
+
+@pytest.mark.parametrize("path", ["ct", "ct_zarr", "file_zarr"])
+def test_crops_are_the_stored_voxels(data, path):
+    """A crop the size of the volume, without augmentation, is a stored volume and its label, exactly (shards, a
+    Zarr store, and the Zarr store through an fsspec URL)."""
     volumes = stored(data["ct"])
-    stream = build(cfg_for(data["ct"], roi_size=SHAPE, **NO_AUG), batch_size=3, with_labels=True)
+    where = f"file://{data['ct_zarr']}" if path == "file_zarr" else str(data[path])
+    cfg = cfg_for(where, format="zarr" if "zarr" in path else "wds", roi_size=SHAPE, **NO_AUG)
+    stream = build(cfg, batch_size=3, with_labels=True)
     for b in take(stream, 4):
         for img, lab in zip(b["image"], b["label"]):
-            hits = [k for k, v in volumes.items() if np.array_equal(img.numpy(), v["image"].astype(np.float32))]
-            assert len(hits) == 1
-            np.testing.assert_array_equal(lab[0].numpy(), volumes[hits[0]]["label"])
+            np.testing.assert_array_equal(lab[0].numpy(), volumes[which_volume(img, volumes)]["label"])
+
+
+def test_roi_larger_than_volume_is_padded(data):
+    volumes = stored(data["ct"])
+    b = next(build(cfg_for(data["ct"], roi_size=(24, 24, 24), **NO_AUG), batch_size=2))
+    assert b["image"].shape == (2, 1, 24, 24, 24)
+    assert (b["image"][:, :, :, :, :2] == 0).all() and (b["image"][:, :, :, :, -2:] == 0).all()
+    which_volume(b["image"][0, :, :, :, 2:-2], volumes)
+
+
+def test_the_seed_drives_the_stream(data):
+    cfg = cfg_for(data["ct"], flip_prob=0.5)
+    a, b, c = (next(build(cfg, batch_size=2, seed=s))["image"] for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_streaming_ranks_read_disjoint_volumes(data):
+    """Streaming, the ranks split each epoch's shards (all resident, every rank holds all volumes): the first fill
+    of each rank is its share of epoch 0."""
+    volumes = stored(data["ct"])
+    seen = []
+    for rank in range(2):
+        cfg = cfg_for(data["ct"], roi_size=SHAPE, resident_gib=STREAMING, **NO_AUG)
+        stream = build(cfg, batch_size=1, rank=rank, world_size=2)
+        take(stream, 1)
+        seen.append({stream.resident.keys[s] for s in stream.resident.fifo})
+        stream.close()
+    train = {k for k, v in volumes.items() if v["meta"]["split"] == "train"}
+    assert seen[0] and seen[1] and not seen[0] & seen[1] and seen[0] | seen[1] <= train
+
+
+def test_train_subset(data):
+    manifest, path = read_manifest(data["ct"]), str(data["ct"])
+    assert len(train_keys(cfg_for(path), path, manifest)) == 6
+    a = train_keys(cfg_for(path, train_count=2, subset_seed=0), path, manifest)
+    assert len(a) == 2 and a == train_keys(cfg_for(path, train_count=2, subset_seed=0), path, manifest)
+    assert len(train_keys(cfg_for(path, train_fraction=0.5), path, manifest)) == 3
+    subsets = {tuple(train_keys(cfg_for(path, train_count=2, subset_seed=s), path, manifest)) for s in range(5)}
+    assert len(subsets) > 1
+    with pytest.raises(ValueError, match="data.train_count"):
+        train_keys(cfg_for(path, train_count=7), path, manifest)
+    stream = build(cfg_for(path, train_count=2, subset_seed=0), batch_size=2)
+    assert sorted(stream.sources[0].keys) == a
 
 
 def test_refill_across_epochs_with_one_persistent_loader(data):
@@ -193,20 +223,6 @@ def test_restore_after_a_resize_or_with_other_data(data):
     assert c.stats()["batches"] == 11 and c.stats()["epoch/ct2"] == 0
 
 
-def test_per_crop_stream_resumes_its_position(data):
-    """The per-crop path restarts each worker's volume stream where it was (fresh crop draws), not at epoch 0."""
-    cfg = cfg_for(data["ct"], loader="stream", num_workers=2, crops_per_volume=2)
-    a = build(cfg, batch_size=2, seed=1)
-    take(a, 12)
-    state = json.loads(json.dumps(a.state_dict()))
-    b = build(cfg, batch_size=2, seed=1)
-    b.load_state_dict(state)
-    take(b, 2)  # one batch from each worker
-    for w, pos in state["positions"].items():
-        assert b.positions[int(w)]["n"] > pos["n"]  # continued, not restarted
-    assert b.stats()["epoch/ct"] >= a.stats()["epoch/ct"]
-
-
 def test_volume_source_continues_from_any_position(data):
     """The volume sequence after restarting from item k's position is the uninterrupted sequence's tail, also
     inside a shard of several samples and across epochs (two datasets, weighted)."""
@@ -267,7 +283,8 @@ def test_datasets_must_agree(data):
         ({"datasets": [{"path": "a", "weight": -1.0}]}, "datasets\\[0\\].weight"),
         ({"datasets": [{"path": "a"}, {"path": "a"}]}, "datasets"),
         ({"path": "b", "datasets": [{"path": "a"}]}, "datasets"),
-        ({"loader": "gpu"}, "loader"),
+        ({"loader": "resident"}, "config key 'loader' was removed"),
+        ({"samples_per_epoch": 64}, "config key 'samples_per_epoch' was removed"),
         ({"resident_reuse": 0.5}, "resident_reuse"),
         ({"resident_gib": -1.0}, "resident_gib"),
     ],
@@ -275,6 +292,17 @@ def test_datasets_must_agree(data):
 def test_config_errors_name_the_key(bad, match):
     with pytest.raises(ValueError, match=match):
         from_dict(DataConfig, bad)
+
+
+def test_stream_errors_name_the_key(data, xray_shards):
+    with pytest.raises(ValueError, match="data.path"):
+        build(DataConfig(), batch_size=2)
+    with pytest.raises(ValueError, match="data.format"):
+        build(cfg_for(data["ct"], format="zarr"), batch_size=2)
+    with pytest.raises(ValueError, match="data.spatial_dims"):
+        build(DataConfig(path=str(data["ct"]), spatial_dims=2, roi_size=(16, 16)), batch_size=2)
+    with pytest.raises(ValueError, match="data.crop: 'pos_neg' needs a segmentation dataset"):
+        build(DataConfig(path=str(xray_shards), spatial_dims=2, roi_size=(16, 16), crop="pos_neg"), batch_size=2)
 
 
 def test_memory_budget(data):
@@ -305,11 +333,8 @@ def test_corrupt_shards_skipped_and_counted(data, tmp_path):
     assert whole.stats()["corrupt_samples"] >= 2 and len(whole.resident) <= 4
 
 
-@pytest.mark.parametrize("loader", ["resident", "stream"])
-def test_2d_resized_classification(xray_shards, loader):
-    cfg = DataConfig(
-        path=str(xray_shards), spatial_dims=2, roi_size=(32, 32), crop="resized", num_workers=0, loader=loader
-    )
+def test_2d_resized_classification(xray_shards):
+    cfg = DataConfig(path=str(xray_shards), spatial_dims=2, roi_size=(32, 32), crop="resized", num_workers=0)
     b = next(build(cfg, batch_size=4, with_labels=True))
     assert b["image"].shape == (4, 1, 32, 32) and b["label"].shape == (4, 2) and b["label"].dtype == torch.float32
     assert set(b["label"].flatten().tolist()) <= {0.0, 1.0}

@@ -1,21 +1,19 @@
-"""Data layer: converted datasets (WebDataset shards or Zarr) streamed as random crops for training and read whole
-for validation. Conversion lives in ``medmae.data.convert`` (CLI: ``tools/to_wds.py``).
+"""Data layer: converted datasets (WebDataset shards or Zarr) read as one endless stream of training crops on the
+model's device, and whole for validation. Conversion lives in ``medmae.data.convert`` (CLI: ``tools/to_wds.py``).
 
-Training: ``build_train_stream`` (one persistent, checkpointable stream of batches on the model's device; usage in
-``medmae.data.stream``). ``build_train_loader`` is the older per-epoch loader, kept for its callers.
+One training path: ``build_train_stream`` (``stream``: how a crop reaches the model is told there). Validation:
+``build_val_loader`` (``validation``). Both read through ``storage``, the one reader per storage format.
 """
 
 from medmae.data.config import DataConfig, DatasetSource
 from medmae.data.convert.manifest import read_manifest
-from medmae.data.loaders import TrainLoader, build_train_loader, build_val_loader
 from medmae.data.stream import TrainStream, build_train_stream
+from medmae.data.validation import build_val_loader
 
 __all__ = [
     "DataConfig",
     "DatasetSource",
-    "TrainLoader",
     "TrainStream",
-    "build_train_loader",
     "build_train_stream",
     "build_val_loader",
     "read_manifest",

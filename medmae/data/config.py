@@ -1,9 +1,12 @@
-"""``DataConfig``: what the training and validation loaders read, and how they crop and augment it."""
+"""``DataConfig``: what the training stream and the validation loader read, and how training crops and augments it.
+
+Every key is read by the one training path (``medmae.data.stream``) or by validation; keys of the removed
+per-epoch and per-crop loaders are refused with a note saying so (``DataConfig.removed_keys``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from medmae.config import Range, broadcast_size, check_ranges
 
@@ -27,6 +30,15 @@ class DatasetSource:
 
 @dataclass
 class DataConfig:
+    removed_keys: ClassVar[dict[str, str]] = {
+        "loader": "the resident stream is the one training path",
+        "samples_per_epoch": "the training stream is endless; train.max_steps sets the run length",
+        "shuffle_buffer": "only the removed per-epoch loader read it",
+        "crops_per_volume": "a volume gives resident_reuse crops on average while it is resident",
+        "crop_shuffle_buffer": "only the removed per-crop loader read it",
+    }
+    """Keys of loaders that no longer exist, with the reason, for the error that refuses them."""
+
     path: str = ""
     """Converted dataset (tools/to_wds.py OUTPUT): a folder or fsspec URL holding manifest.json."""
     datasets: list[DatasetSource] = field(default_factory=list)
@@ -34,41 +46,29 @@ class DataConfig:
     ``path``). They must agree on channels, spatial dims and intensity preset."""
     allow_mixed_spacing: bool = False
     """datasets: accept datasets resampled to different voxel spacings."""
-    loader: Literal["auto", "resident", "stream"] = "auto"
-    """Training crop path of ``build_train_stream``: resident = whole volumes held on the model's device, cropped
-    and augmented there in batch; stream = per-crop CPU path in the loader workers; auto = resident (faster in
-    every case bench/bench_data.py measures; see ``stream.resolve_loader``)."""
     resident_gib: Annotated[float, Range(ge=0)] = 0.0
-    """resident: memory for the resident volumes per rank, GiB; 0 = 25% of the device's memory (CUDA) or 25% of
+    """Memory for the resident volumes per rank, GiB; 0 = 25% of the device's memory (CUDA) or 25% of
     the machine's RAM / local ranks (CPU). When all training volumes fit, every rank holds all of them and never
     refills; else it streams its share through the set, capped at what that share needs."""
     resident_reuse: Annotated[float, Range(ge=1)] = 64.0
-    """resident, streaming: mean crops taken from a volume while it is resident; the set swaps in batch/this
-    volumes per batch, so the loader workers must decode (model crops/s)/this volumes per second."""
+    """Streaming (not all volumes resident): mean crops taken from a volume while it is resident; the set swaps in
+    batch/this volumes per batch, so the loader workers must decode (model crops/s)/this volumes per second."""
     format: Literal["wds", "zarr"] = "wds"
-    """Storage read: WebDataset tar shards (streamed) or a Zarr group (random-access crops)."""
+    """Storage read: WebDataset tar shards or a Zarr group; either is read a whole volume at a time."""
     spatial_dims: int = 3
     """3 for volumes, 2 for x-rays; must match the dataset."""
     roi_size: tuple[int, ...] = (96, 96, 96)
     """Crop size in voxels, one entry per spatial dim (or one for all); volumes smaller than it are zero-padded."""
-    crops_per_volume: Annotated[int, Range(ge=1)] = 4
-    """Crops cut from each decoded (wds) or opened (zarr) volume before moving to the next."""
     crop: Literal["random", "pos_neg", "resized"] = "random"
     """random = uniform (pretraining), pos_neg = label-balanced (fine-tuning), resized = random resized crop (2D)."""
     pos_fraction: Annotated[float, Range(ge=0, le=1)] = 0.5
     """pos_neg: probability that a crop is centred on a foreground voxel."""
     resized_min_scale: Annotated[float, Range(gt=0, le=1)] = 0.2
     """resized: smallest crop area as a fraction of the image area."""
-    shuffle_buffer: Annotated[int, Range(ge=1)] = 16
-    """Encoded volumes held per worker for shuffling before decode; memory ~ this x stored volume size."""
-    crop_shuffle_buffer: Annotated[int, Range(ge=1)] = 32
-    """Crops held per worker so that a batch mixes volumes."""
     num_workers: Annotated[int, Range(ge=0)] = 2
-    """DataLoader worker processes per rank (0 = load in the training process)."""
+    """DataLoader worker processes per rank reading volumes (0 = read in the training process)."""
     prefetch_factor: Annotated[int, Range(ge=1)] = 2
-    """Batches each worker prepares ahead."""
-    samples_per_epoch: Annotated[int, Range(ge=1)] = 1024
-    """Crops per epoch over all ranks; one epoch is samples_per_epoch // (batch_size x world_size) batches per rank."""
+    """Volumes each worker reads ahead."""
     train_fraction: Annotated[float, Range(gt=0, le=1)] = 1.0
     """Fraction of training volumes used (label-efficiency runs); 1.0 = all."""
     train_count: Annotated[int | None, Range(ge=1)] = None
@@ -104,3 +104,12 @@ class DataConfig:
                 raise ValueError(f"datasets[{i}]: expected a mapping with path and weight, got {d!r}")
         if len({d.path for d in self.datasets}) != len(self.datasets):
             raise ValueError("datasets: the same path is listed twice")
+
+    def check_manifest(self, path: str, manifest: dict[str, Any]) -> None:
+        """``ValueError`` naming the key when the dataset at ``path`` is not what this config reads."""
+        if manifest["format"] != self.format:
+            raise ValueError(f"data.format: '{self.format}' but {path} holds a '{manifest['format']}' dataset")
+        if manifest["spatial_dims"] != self.spatial_dims:
+            raise ValueError(
+                f"data.spatial_dims: {self.spatial_dims} but {path} holds {manifest['spatial_dims']}D samples"
+            )

@@ -1,7 +1,7 @@
 """The training datasets of a run and the stream of whole decoded volumes the loader workers read from them.
 
 ``resolve_sources`` turns ``data.path`` or ``data.datasets`` into checked ``Source``s (manifests that agree on what
-the model needs). ``VolumeSource`` is the DataLoader dataset both crop paths consume: each worker reads its share of
+the model needs). ``VolumeSource`` is the DataLoader dataset of the training stream: each worker reads its share of
 every dataset's shards in a per-epoch order, picks the dataset of each next volume by weight, and yields the
 decoded volume together with its own position, so that a restart continues where the consumer stopped.
 
@@ -11,10 +11,9 @@ epoch's order being read and the wanted samples of it already yielded; plus ``n`
 
 from __future__ import annotations
 
-import dataclasses
-import io
 import json
 import logging
+import multiprocessing as mp
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,11 +23,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from medmae.data.config import DataConfig, DatasetSource
 from medmae.data.convert.manifest import join_url, read_manifest
-from medmae.data.pipeline import SkipCounters
-from medmae.data.wds_pipeline import open_url
-from medmae.data.zarr_pipeline import open_zarr
+from medmae.data.storage import npy_view, open_url, open_zarr, read_wds_sample, read_zarr_sample
 
-__all__ = ["Source", "resolve_sources", "VolumeSource", "pad_to_roi"]
+__all__ = ["Source", "SkipCounters", "resolve_sources", "train_keys", "VolumeSource", "pad_to_roi"]
 log = logging.getLogger(__name__)
 
 # Fields every dataset of a run must share: what the model's input means. Spacing is checked separately.
@@ -50,13 +47,6 @@ class Source:
     """key -> manifest sample entry (shape, shard, member offsets) for random access."""
 
 
-def _check_one(cfg: DataConfig, path: str, manifest: dict) -> None:
-    if manifest["format"] != cfg.format:
-        raise ValueError(f"data.format: '{cfg.format}' but {path} holds a '{manifest['format']}' dataset")
-    if manifest["spatial_dims"] != cfg.spatial_dims:
-        raise ValueError(f"data.spatial_dims: {cfg.spatial_dims} but {path} holds {manifest['spatial_dims']}D samples")
-
-
 def _check_agree(cfg: DataConfig, first: Source, other: Source, with_labels: bool) -> None:
     """Datasets mixed in one run must mean the same input; name both and the field when they do not."""
     a, b = first.manifest, other.manifest
@@ -74,10 +64,36 @@ def _check_agree(cfg: DataConfig, first: Source, other: Source, with_labels: boo
             raise ValueError(f"data.datasets: {first.path} and {other.path} differ in {name}: {va!r} vs {vb!r}{hint}")
 
 
-def _train_keys(cfg: DataConfig, path: str, manifest: dict) -> list[str]:
-    from medmae.data.loaders import train_keys  # the one rule for label-efficiency subsets
+class SkipCounters:
+    """Counts of corrupt shards and samples skipped, shared by all DataLoader workers of one stream."""
 
-    return train_keys(dataclasses.replace(cfg, path=path, datasets=[]), manifest)
+    def __init__(self) -> None:
+        ctx = mp.get_context()
+        self._shards = ctx.Value("l", 0)
+        self._samples = ctx.Value("l", 0)
+
+    def add(self, shards: int = 0, samples: int = 0) -> None:
+        with self._shards.get_lock():
+            self._shards.value += shards
+            self._samples.value += samples
+
+    def as_dict(self) -> dict[str, int]:
+        return {"corrupt_shards": self._shards.value, "corrupt_samples": self._samples.value}
+
+
+def train_keys(cfg: DataConfig, path: str, manifest: dict) -> list[str]:
+    """The training volumes of ``path`` used: all, or a ``subset_seed``-chosen subset of ``train_count`` /
+    ``train_fraction`` (the one rule for label-efficiency subsets)."""
+    keys = sorted(s["key"] for s in manifest["samples"] if s["split"] == "train")
+    if not keys:
+        raise ValueError(f"data.path: {path} has no training samples")
+    n = cfg.train_count if cfg.train_count is not None else max(1, round(cfg.train_fraction * len(keys)))
+    if n > len(keys):
+        raise ValueError(f"data.train_count: {n} requested but {path} has {len(keys)} training volumes")
+    if n == len(keys):
+        return keys
+    order = np.random.default_rng(cfg.subset_seed).permutation(len(keys))
+    return sorted(keys[i] for i in order[:n])
 
 
 def resolve_sources(cfg: DataConfig, with_labels: bool) -> list[Source]:
@@ -88,8 +104,8 @@ def resolve_sources(cfg: DataConfig, with_labels: bool) -> list[Source]:
     sources = []
     for spec in specs:
         manifest = read_manifest(spec.path, cfg.storage_options)
-        _check_one(cfg, spec.path, manifest)
-        keys = _train_keys(cfg, spec.path, manifest)
+        cfg.check_manifest(spec.path, manifest)
+        keys = train_keys(cfg, spec.path, manifest)
         wanted = set(keys)
         samples = {s["key"]: s for s in manifest["samples"] if s["key"] in wanted}
         if with_labels:
@@ -118,22 +134,9 @@ def resolve_sources(cfg: DataConfig, with_labels: bool) -> list[Source]:
     return sources
 
 
-def npy_view(data: np.ndarray) -> np.ndarray:
-    """``.npy`` bytes (a uint8 buffer) as an array viewing them (``np.load`` copies every volume once more);
-    object arrays, the only kind that needs pickle, are refused."""
-    buf = io.BytesIO(data[: 10 + 65535].tobytes())  # the header only: a version-1 header is at most 64 KiB
-    major, _ = np.lib.format.read_magic(buf)
-    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(buf)
-    if dtype.hasobject:
-        raise ValueError("object arrays are not volumes (and would need pickle)")
-    arr = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=buf.tell())
-    return arr.reshape(shape, order="F" if fortran else "C")
-
-
 def pad_to_roi(image: np.ndarray, label: np.ndarray | None, fg: np.ndarray, roi) -> tuple:
-    """Zero-pad spatial dims smaller than ``roi`` the way ``crops.crop_starts`` centres such volumes: start
-    ``(size - roi) // 2``, so ``(roi - size) - (roi - size) // 2`` before. Foreground points move along."""
+    """Zero-pad spatial dims smaller than ``roi``, centred: ``(roi - size) - (roi - size) // 2`` before, the rest
+    after, so the only crop start is the centring one. Foreground points move along."""
     spatial = image.shape[1:]
     pads = []
     for s, r in zip(spatial, roi):
@@ -235,24 +238,15 @@ class VolumeSource(IterableDataset):
         return self._prepare(d, key, npy_view(raw["image.npy"]), label, json.loads(raw["json"].tobytes()))
 
     def _read_sample(self, f, d: int, key: str) -> dict:
-        """The members a volume needs, each one seek + read at the offsets the manifest records (Python's tarfile
-        reads big members in 16 KiB pieces: 28 of 34 ms per CT volume went there); the label only when used."""
+        """The members a volume needs (the label only when used), by the offsets the manifest records."""
         members = self.sources[d].samples[key]["members"]
-        raw = {}
-        for suffix in ("image.npy", "json", "label.npy") if self.with_labels else ("image.npy", "json"):
-            offset, size = members[suffix]
-            f.seek(offset)
-            raw[suffix] = buf = np.empty(size, dtype=np.uint8)  # writable and not zero-filled: viewed, not copied
-            if f.readinto(buf) != size:
-                raise OSError(f"truncated at member {key}.{suffix}")
-        return raw
+        return read_wds_sample(f, key, members, ("image.npy", "json", "label.npy")[: 3 if self.with_labels else 2])
 
     def _read_zarr(self, d: int, key: str) -> dict:
         if d not in self._roots:  # opened lazily, inside the worker process
             self._roots[d] = open_zarr(self.sources[d].path, self.cfg.storage_options)
-        group = self._roots[d][f"train/{key}"]
-        label = group["label"][...] if self.with_labels else None
-        return self._prepare(d, key, group["image"][...], label, dict(group.attrs))
+        s = read_zarr_sample(self._roots[d], "train", key, label=self.with_labels)
+        return self._prepare(d, key, s["image"], s.get("label"), s["meta"])
 
     def read_key(self, d: int, key: str) -> dict:
         """One training volume by random access (restoring a resident set)."""

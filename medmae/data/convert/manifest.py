@@ -52,7 +52,7 @@ def verify(out: str | Path, storage_options: dict | None = None) -> list[str]:
     """
     import fsspec
 
-    from medmae.data.convert.writers import iter_shard_samples, read_zarr_sample
+    from medmae.data.storage import iter_shard_samples, open_zarr, read_zarr_sample
 
     out = str(out)
     storage_options = storage_options or {}
@@ -80,9 +80,7 @@ def verify(out: str | Path, storage_options: dict | None = None) -> list[str]:
             except Exception as e:  # a damaged shard is a finding, not a crash of the verifier
                 problems.append(f"{shard['name']}: unreadable ({type(e).__name__}: {e})")
     else:
-        import zarr
-
-        root = zarr.open_group(out, mode="r", storage_options=storage_options if is_url(out) else None)
+        root = open_zarr(out, storage_options)
         for s in tqdm(manifest["samples"], desc="verify", unit="sample"):
             try:
                 check(read_zarr_sample(root, s["split"], s["key"]), f"{s['split']}/{s['key']}")

@@ -1,8 +1,9 @@
-"""Storage writers and readers: WebDataset tar shards and a Zarr v3 group, both written atomically.
+"""Storage writers: WebDataset tar shards and a Zarr v3 group, both written atomically.
 
 A tar shard is written under a hidden temporary name and renamed when it closes; a Zarr sample is written as a
 standalone group under ``OUTPUT/.tmp/`` and renamed into ``OUTPUT/<split>/<key>``. So a final name always holds
-complete data, and a re-run rebuilds its state from what the final names hold.
+complete data, and a re-run rebuilds its state from what the final names hold. Reading is
+``medmae.data.storage``'s.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import os
 import re
 import shutil
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
@@ -23,13 +23,10 @@ from medmae.data.convert.preprocess import Prepared
 
 __all__ = [
     "encode_npy",
-    "decode_npy",
     "ShardWriter",
     "scan_shards",
-    "iter_shard_samples",
     "write_zarr_sample",
     "scan_zarr",
-    "read_zarr_sample",
     "remove_temporaries",
     "SHARD_RE",
 ]
@@ -41,10 +38,6 @@ def encode_npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
-
-
-def decode_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def sample_members(p: Prepared) -> list[tuple[str, bytes]]:
@@ -147,26 +140,6 @@ def _member(tf: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
     return f.read()
 
 
-def iter_shard_samples(path: str | Path | BinaryIO) -> Iterator[dict]:
-    """Every sample of one shard (a path or an open binary file), decoded: ``{"key", "image", "label"?, "meta"}``."""
-    current: dict = {}
-    opened = {"fileobj": path} if hasattr(path, "read") else {"name": path}
-    with tarfile.open(mode="r:", **opened) as tf:
-        for info in tf:
-            key, suffix = info.name.split(".", 1)
-            if current and current["key"] != key:
-                yield current
-                current = {}
-            current.setdefault("key", key)
-            data = _member(tf, info)
-            if suffix == "json":
-                current["meta"] = json.loads(data)
-            else:
-                current[suffix.removesuffix(".npy")] = decode_npy(data)
-    if current:
-        yield current
-
-
 def _zarr_codecs():
     from zarr.codecs import BloscCodec
 
@@ -216,15 +189,6 @@ def scan_zarr(out: Path) -> list[dict]:
                 if "checksum" in meta:
                     samples.append(meta)
     return samples
-
-
-def read_zarr_sample(root, split: str, key: str) -> dict:
-    """Decode one Zarr sample whole: ``{"key", "image", "label"?, "meta"}``; ``root`` is an open zarr Group."""
-    group = root[f"{split}/{key}"]
-    out = {"key": key, "image": group["image"][...], "meta": dict(group.attrs)}
-    if "label" in group:
-        out["label"] = group["label"][...]
-    return out
 
 
 def remove_temporaries(out: Path) -> None:
