@@ -19,9 +19,10 @@ from torch import nn
 from medmae.data.convert import ConvertOptions, convert
 from medmae.data.convert.preprocess import read_image
 from medmae.data.labels import brats_regions
-from medmae.inference import Predictor, load_finetuned, logits_to_labels, predict_paths, save_finetuned
+from medmae.inference import Predictor, logits_to_labels, predict_paths
 from medmae.models import create_model, save_encoder
 from medmae.models.registry import config_dict
+from medmae.tasks.model_file import load_finetuned, save_finetuned
 
 SPACING = (0.8, 1.3, 2.5)
 SHAPE = (48, 30, 16)  # about 38 x 39 x 40 mm

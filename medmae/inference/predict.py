@@ -22,8 +22,8 @@ from medmae.data.convert.options import SampleError
 from medmae.inference.geometry import load_and_preprocess, options_from_preprocessing, restore_geometry
 from medmae.inference.volume_io import list_inputs, output_name, write_label
 from medmae.io import atomic_write_bytes
-from medmae.models import load_finetuned, resolve_checkpoint
 from medmae.tasks import task_for_file_kind
+from medmae.tasks.model_file import load_finetuned, resolve_checkpoint
 
 __all__ = ["Predictor", "PredictResult", "logits_to_labels", "predict_paths"]
 

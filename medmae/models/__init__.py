@@ -4,7 +4,6 @@ from medmae.models import zoo  # noqa: F401  (registers the flavours)
 from medmae.models.classifier import ClassifierConfig, ViTClassifier
 from medmae.models.flops import train_flops_per_sample
 from medmae.models.mae import MAEConfig, MaskedAutoencoderViT
-from medmae.models.model_file import load_finetuned, read_finetuned_meta, resolve_checkpoint, save_finetuned
 from medmae.models.registry import create_model, get_entry, list_models, model_config, register_model
 from medmae.models.transfer import load_encoder, read_encoder, save_encoder
 from medmae.models.unetr import UNETR, UNETRConfig
@@ -23,13 +22,9 @@ __all__ = [
     "get_entry",
     "list_models",
     "load_encoder",
-    "load_finetuned",
     "model_config",
     "read_encoder",
-    "read_finetuned_meta",
     "register_model",
-    "resolve_checkpoint",
     "save_encoder",
-    "save_finetuned",
     "train_flops_per_sample",
 ]

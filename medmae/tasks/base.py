@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -20,9 +20,6 @@ from torch import nn
 
 from medmae.config import from_dict
 from medmae.models import create_model, get_entry
-
-if TYPE_CHECKING:
-    from medmae.training.config import JobConfig
 
 __all__ = ["Task", "NoOptions", "register_task", "task_class", "task_names", "task_for_file_kind", "file_kinds"]
 
@@ -51,10 +48,13 @@ class Task:
     """per-class metric dicts a validation result holds (e.g. ``dice``), logged as ``val/<group>/<name>``"""
     file_kinds: ClassVar[tuple[str, ...]] = ()
     """the ``task`` values of the model files this task writes (prediction finds the task back from them)"""
+    same_forwards_on_every_rank: ClassVar[bool] = True
+    """whether every rank always runs the same forward passes; ZeRO-3 gathers each layer's parameters collectively
+    inside forward, so it needs this (whole-volume validation gives ranks different volumes: fine-tuning cannot)"""
     writes_table: ClassVar[bool] = False
     """prediction writes one table of scores for all inputs (classification) instead of one volume per input"""
 
-    def __init__(self, cfg: JobConfig) -> None:
+    def __init__(self, cfg: Any) -> None:  # the job config (medmae.training.config.JobConfig, a layer above)
         self.cfg = cfg
         self.opts = cfg.finetune
 

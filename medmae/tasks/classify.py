@@ -10,7 +10,7 @@ from torch import nn
 from medmae.models import ViTClassifier
 from medmae.tasks.base import register_task
 from medmae.tasks.finetune import FinetuneTask
-from medmae.training.evaluate import evaluate_classification
+from medmae.tasks.metrics import evaluate_classification
 
 
 @register_task

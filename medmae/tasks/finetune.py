@@ -13,8 +13,9 @@ from torch import nn
 
 from medmae.config import to_dict
 from medmae.data import build_val_loader, read_manifest
-from medmae.models import load_encoder, read_encoder, save_finetuned
+from medmae.models import load_encoder, read_encoder
 from medmae.tasks.base import Task
+from medmae.tasks.model_file import save_finetuned
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class FinetuneTask(Task):
 
     options = FinetuneOptions
     with_labels = True
+    same_forwards_on_every_rank = False  # each rank validates its own volumes
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)

@@ -12,7 +12,6 @@ from torch import nn
 
 from medmae.models import MaskedAutoencoderViT, save_encoder
 from medmae.tasks.base import Task, register_task
-from medmae.training.logs import reconstruction_panel
 
 
 @register_task
@@ -40,3 +39,21 @@ class PretrainTask(Task):
         self, state: dict[str, torch.Tensor], resolved: Any, directory: Path, filename: str | None = None
     ) -> list[Path]:
         return [save_encoder(state, resolved.encoder_dict(), directory / (filename or "encoder.safetensors"))]
+
+
+def reconstruction_panel(imgs: torch.Tensor, pred_imgs: torch.Tensor, mask_imgs: torch.Tensor) -> np.ndarray:
+    """Middle slice of the first sample: input | masked input | reconstruction (visible patches pasted back).
+
+    All three ``(C, *S)`` tensors of one sample; ``mask_imgs`` is 1 where hidden. Returns (H, 3W) in [0, 1].
+    """
+
+    def mid(t: torch.Tensor) -> np.ndarray:
+        t = t[0].float()  # first channel
+        return (t[t.shape[0] // 2] if t.ndim == 3 else t).cpu().numpy()
+
+    x, m, p = mid(imgs), mid(mask_imgs), mid(pred_imgs)
+    lo, hi = float(x.min()), float(x.max())
+    scale = (lambda a: np.clip((a - lo) / (hi - lo), 0, 1)) if hi > lo else (lambda a: np.zeros_like(a))
+    masked = scale(x) * (1 - m)
+    recon = scale(x) * (1 - m) + scale(p) * m
+    return np.concatenate([scale(x), masked, recon], axis=1).astype(np.float32)

@@ -15,7 +15,7 @@ from medmae.data.labels import BRATS_REGIONS, brats_regions, regions_to_brats
 from medmae.models import UNETR
 from medmae.tasks.base import register_task
 from medmae.tasks.finetune import FinetuneOptions, FinetuneTask
-from medmae.training.evaluate import evaluate_segmentation
+from medmae.tasks.metrics import evaluate_segmentation
 
 
 class RegionLoss(nn.Module):

@@ -22,6 +22,7 @@ from torch import nn
 from medmae.io import atomic_write_bytes
 from medmae.models.registry import create_model
 from medmae.models.registry import model_config as validated_config
+from medmae.tasks.base import task_for_file_kind
 
 __all__ = ["FORMAT_VERSION", "save_finetuned", "load_finetuned", "read_finetuned_meta", "resolve_checkpoint"]
 
@@ -34,9 +35,6 @@ _PREPROCESSING_KEYS = ("spatial_dims", "preset", "spacing", "orientation", "crop
 
 def _check_meta(meta: dict[str, Any], where: str) -> None:
     """``ValueError`` naming the field when the metadata cannot describe a usable model."""
-    # The task registry owns the kinds of model file (imported here, not at module level: tasks build on models).
-    from medmae.tasks import task_for_file_kind
-
     task = task_for_file_kind(meta["task"], where)
     cfg = validated_config(meta["model_name"], **meta["model_config"])  # raises naming an unknown/bad key
     pre = meta["preprocessing"]
