@@ -21,7 +21,7 @@ def test_yaml_deltas_then_dotted_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("model:\n  name: mae_vit_3d_debug\n  depth: 2\noptim:\n  base_lr: 1.0e-3\n")
     cfg = load_config(JobConfig, f, ["model.depth=3", "optim.betas=[0.9,0.99]", "train.max_steps=7"])
-    assert cfg.model == {"name": "mae_vit_3d_debug", "depth": 3}
+    assert cfg.model == {"name": "mae_vit_3d_debug", "depth": 3, "img_size": [96, 96, 96]}  # sized by data.roi_size
     assert cfg.model_config().depth == 3
     assert cfg.optim.base_lr == 1e-3 and cfg.optim.betas == (0.9, 0.99) and cfg.train.max_steps == 7
 

@@ -46,8 +46,20 @@ def test_yaml_and_command_line_take_one_size(tmp_path):
     )
     assert cfg.model_config().img_size == (64, 64) and cfg.data.roi_size == (64, 64)
     # Full tuples still work, and the job's model is the one the trainer builds.
-    cfg = load_config(JobConfig, None, ["model.name=mae_vit_3d_debug", "model.img_size=[32,32,16]"])
+    cfg = load_config(JobConfig, None, ["model.name=mae_vit_3d_debug", "data.roi_size=[32,32,16]"])
     assert cfg.model_config().img_size == (32, 32, 16)
+
+
+def test_the_model_size_follows_the_crop_size():
+    """One number, one key: data.roi_size sizes the model; a different model.img_size is refused naming both."""
+    cfg = load_config(JobConfig, None, ["model.name=mae_vit_3d_debug", "data.roi_size=48"])
+    assert cfg.model_config().img_size == (48, 48, 48) and cfg.model["img_size"] == [48, 48, 48]
+    with pytest.raises(ValueError, match=r"model\.img_size: \[32, 32, 32\] differs from data\.roi_size \[48, 48, 48\]"):
+        load_config(JobConfig, None, ["model.name=mae_vit_3d_debug", "model.img_size=32", "data.roi_size=48"])
+    with pytest.raises(ValueError, match=r"data\.roi_size \(the model's img_size\): \(36, 36, 36\) is not divisible"):
+        load_config(JobConfig, None, ["model.name=mae_vit_3d_debug", "data.roi_size=36"])
+    with pytest.raises(ValueError, match=r"model\.name: mae_vit_2d_debug is a 2D model but data\.spatial_dims is 3"):
+        load_config(JobConfig, None, ["model.name=mae_vit_2d_debug"])
 
 
 def test_python_data_config_takes_one_size():
@@ -66,12 +78,13 @@ def test_python_data_config_takes_one_size():
         (["model.img_size=true"], r"model\.img_size: expected a list \(or a single int\), got True"),
         (["model.img_size=0"], r"model\.img_size: expected 2 or 3 positive sizes"),
         (["model.img_size=30"], r"model\.img_size: \(30, 30, 30\) is not divisible by patch_size 8"),
+        (["model.img_size=16"], r"model\.img_size: \[16, 16, 16\] differs from data\.roi_size \[32, 32, 32\]"),
         (["optim.betas=0.9"], r"optim\.betas: expected a list"),  # fixed-length tuples still need every item
     ],
 )
 def test_bad_sizes_name_the_key(overrides, match):
     with pytest.raises(ValueError, match=match):
-        load_config(JobConfig, None, ["model.name=mae_vit_3d_debug", *overrides])
+        load_config(JobConfig, None, ["model.name=mae_vit_3d_debug", "data.roi_size=32", *overrides])
 
 
 @pytest.mark.parametrize("size", [96, (96,)])

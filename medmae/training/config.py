@@ -99,14 +99,14 @@ class JobConfig:
     def __post_init__(self) -> None:
         spec = task_class(self.task)
         self.finetune = spec.parse_options(self.finetune)
-        if self.task != "pretrain" and self.dist.zero_stage == 3:
+        if self.dist.zero_stage == 3 and not spec.same_forwards_on_every_rank:
             raise ValueError(
-                "dist.zero_stage: 3 partitions parameters, so every rank must run the same forwards, but whole-volume "
-                "validation gives ranks different work; fine-tune with stage 0, 1 or 2"
+                f"dist.zero_stage: 3 partitions parameters, so every rank must run the same forwards, but task "
+                f"'{self.task}' gives ranks different work (whole-volume validation); use stage 0, 1 or 2"
             )
         if "name" not in self.model:
             self.model = {"name": spec.default_model, **self.model}
-        self.model_config()  # validates the overrides now, naming model.<key>
+        self.model = self._model_sized_by_data()
         try:
             spec.check_model(self.model["name"])
         except ValueError as e:
@@ -114,6 +114,37 @@ class JobConfig:
         if self.dist.elastic:  # Ray Train may start any count in the range: every one must keep the global batch
             for n in range(self.dist.min_workers or self.dist.num_workers, self.dist.num_workers + 1):
                 derive(self, n)
+
+    def _model_sized_by_data(self) -> dict[str, Any]:
+        """One number, one key: the model's input size is ``data.roi_size``. ``model.img_size`` may repeat it (a
+        resolved config does) but not differ from it, and the model's spatial dims must be the data's."""
+        try:
+            entry = get_entry(self.model["name"])
+        except ValueError as e:
+            raise ValueError(f"model.name: {e}") from None
+        default = entry.defaults().get("img_size") or getattr(entry.config_cls, "img_size")  # noqa: B009
+        if len(default) != self.data.spatial_dims:
+            raise ValueError(
+                f"model.name: {self.model['name']} is a {len(default)}D model but data.spatial_dims is "
+                f"{self.data.spatial_dims}"
+            )
+        roi = list(self.data.roi_size)
+        if "img_size" in self.model:
+            given = list(self.model_config().img_size)  # validates the user's own value first, naming model.<key>
+            if given != roi:
+                raise ValueError(
+                    f"model.img_size: {given} differs from data.roi_size {roi}; the model's input size is the crop "
+                    "size, so set data.roi_size only"
+                )
+        sized = {**self.model, "img_size": roi}
+        try:
+            get_entry(sized["name"]).config(_prefix="model.", **{k: v for k, v in sized.items() if k != "name"})
+        except ValueError as e:  # validates every override now, naming model.<key> (or data.roi_size for the size)
+            msg = str(e)
+            if msg.startswith("model.img_size") and "img_size" not in self.model:
+                msg = "data.roi_size (the model's img_size)" + msg.removeprefix("model.img_size")
+            raise ValueError(msg) from None
+        return sized
 
     def model_config(self) -> Any:
         overrides = {k: v for k, v in self.model.items() if k != "name"}
