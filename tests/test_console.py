@@ -7,7 +7,7 @@ import pytest
 
 from medmae.distributed.console import is_routine
 from medmae.training.cli import parser
-from medmae.training.trainer import FAIL_AT_STEP_ENV
+from medmae.training.faults import FAIL_AT_STEP_ENV
 
 # Forwarded lines as `make demo` printed them (Ray 2.60, DeepSpeed 0.19.8, torch 2.13), all on a healthy run.
 ROUTINE = [

@@ -33,9 +33,9 @@ def toy_train(config: dict) -> None:
 
     from medmae.distributed import (
         DistributedConfig,
+        checkpoint_candidates,
         checkpoint_dir,
         create_engine,
-        latest_checkpoint_dir,
         report,
         world_info,
     )
@@ -54,7 +54,7 @@ def toy_train(config: dict) -> None:
         grad_clip=1.0,
     )
     start = 0
-    ckpt = latest_checkpoint_dir()
+    ckpt = next(checkpoint_candidates(), None)
     if ckpt is not None:
         start = engine.load(ckpt)["step"]
     w_true = torch.linspace(-1, 1, 8)

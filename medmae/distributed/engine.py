@@ -102,7 +102,7 @@ class Engine:
         self.device = device
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self._own_grad_norm: float | None = None
+        self._own_grad_norm: torch.Tensor | float | None = None
 
     @property
     def module(self) -> nn.Module:
@@ -134,9 +134,7 @@ class Engine:
         if boundary and self.cfg.zero_stage == 0 and self.precision == "fp32":
             # DeepSpeed's plain (non-ZeRO, fp32) path clips but keeps no norm; grads are all-reduced by now.
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            self._own_grad_norm = (
-                float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
-            )
+            self._own_grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else 0.0
         self._ds.step()
         return boundary
 
@@ -145,12 +143,11 @@ class Engine:
         for group in self._ds.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
-    def grad_norm(self) -> float | None:
-        """Global gradient norm of the last optimizer step (before clipping), None when DeepSpeed did not compute it."""
+    def grad_norm_tensor(self) -> torch.Tensor | float | None:
+        """Global gradient norm of the last optimizer step (before clipping), as DeepSpeed keeps it (a device tensor
+        or a float; reading it is the caller's sync), None when DeepSpeed did not compute it."""
         norm = self._ds.get_global_grad_norm()
-        if norm is None:
-            return self._own_grad_norm
-        return float(norm.item() if torch.is_tensor(norm) else norm)
+        return self._own_grad_norm if norm is None else norm
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
 

@@ -1,13 +1,13 @@
 """Ray Train (v2) launch glue and the per-rank helpers a training function uses, inside Ray or not.
 
 Driver side: :func:`run_ray` starts or joins Ray and runs ``train_fn`` on N workers with a ``TorchTrainer``.
-Worker side: :func:`world_info`, :func:`checkpoint_dir`, :func:`report`, :func:`latest_checkpoint_dir` behave the
+Worker side: :func:`world_info`, :func:`checkpoint_dir`, :func:`report`, :func:`checkpoint_candidates` behave the
 same way under Ray, under ``torchrun``/``deepspeed``, and in one plain process, so the trainer has one code path:
 
-    ckpt = latest_checkpoint_dir(run_dir)           # Ray: the run's latest reported checkpoint; else newest step-*
-    if ckpt: state = engine.load(ckpt)
+    for ckpt in checkpoint_candidates(run_dir):     # newest first: Ray's reported checkpoints, else run_dir/step-*
+        ...verify, then state = engine.load(ckpt); break
     ...
-    with checkpoint_dir(run_dir, f"step-{step:08d}") as d:
+    with checkpoint_dir(run_dir, f"step-{step:08d}") as d:   # this rank's own folder
         engine.save(d, tag=f"step-{step:08d}", client_state=state)
         report(metrics, d)                          # Ray: uploads every rank's files into one checkpoint
 
@@ -41,8 +41,8 @@ __all__ = [
     "checkpoint_dir",
     "ensure_ray",
     "forwarded_env",
+    "checkpoint_candidates",
     "in_ray_worker",
-    "latest_checkpoint_dir",
     "remove_orphaned_checkpoint_dirs",
     "report",
     "resume_folder",
@@ -97,11 +97,13 @@ def world_info() -> tuple[int, int, int]:
 
 @contextlib.contextmanager
 def checkpoint_dir(run_dir: str | os.PathLike, name: str) -> Iterator[Path]:
-    """Folder every rank writes checkpoint ``name`` into.
+    """This rank's own folder for checkpoint ``name``: every file in it is this rank's.
 
-    Under Ray a per-rank temporary folder (``report`` uploads it into the run's storage, then it is removed; those
-    of killed ranks go at the node's next checkpoint);
-    otherwise ``run_dir/name`` itself, shared by the ranks of a ``torchrun`` job on one file system.
+    Under Ray a per-rank temporary folder (``report`` uploads it into the run's storage, merged with the other
+    ranks', then it is removed; those of killed ranks go at the node's next checkpoint). Otherwise
+    ``run_dir/.partial-<name>/rank-<r>``, on the file system the ranks of a ``torchrun`` job share: when every rank
+    has left the block without an error, rank 0 merges the rank folders and renames the result to ``run_dir/name``,
+    so that name only ever holds a whole checkpoint. A collective: every rank must enter it.
     """
     if in_ray_worker():
         remove_orphaned_checkpoint_dirs()
@@ -110,10 +112,30 @@ def checkpoint_dir(run_dir: str | os.PathLike, name: str) -> Iterator[Path]:
             yield tmp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        path = Path(run_dir) / name
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
+        return
+    from medmae.distributed.collectives import barrier
+
+    rank, _, world = world_info()
+    partial = Path(run_dir) / f".partial-{name}"
+    own = partial / f"rank-{rank:05d}"
+    shutil.rmtree(own, ignore_errors=True)  # a folder an earlier, interrupted attempt left
+    own.mkdir(parents=True)
+    yield own
+    barrier()  # reached only when every rank wrote its part (an error propagates instead)
+    if rank == 0:
+        merged = partial / "merged"
+        for r in range(world):
+            src = partial / f"rank-{r:05d}"
+            for f in sorted(p for p in src.rglob("*") if p.is_file()):
+                dst = merged / f.relative_to(src)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(f, dst)
+        final = Path(run_dir) / name
+        if final.exists():  # the same step written again (a re-run that resumed before it): the new one wins
+            shutil.rmtree(final)
+        os.replace(merged, final)
+        shutil.rmtree(partial, ignore_errors=True)
+    barrier()
 
 
 def _alive(pid: int) -> bool:
@@ -163,28 +185,40 @@ def _step_of(path: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
-def latest_checkpoint_dir(run_dir: str | os.PathLike | None = None) -> Path | None:
-    """Checkpoint to resume from, as a local folder for ``Engine.load``; None to start from scratch.
+def checkpoint_candidates(run_dir: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Checkpoints to resume from, newest first, each as a local folder for ``Engine.load``; the caller takes the
+    first that verifies. Every rank sees the same sequence.
 
-    Under Ray: ``ray.train.get_checkpoint()`` (after a worker failure, or on a re-run of the same run name),
-    downloaded once per node when the storage is remote (:func:`resume_folder`). Otherwise the highest complete
-    ``run_dir/step-*``.
+    Under Ray: ``ray.train.get_checkpoint()`` (after a worker failure, or on a re-run of the same run name), then
+    the older checkpoints Ray's storage still holds beside it (``checkpoint_<time>``, oldest last), each downloaded
+    once per node when the storage is remote (:func:`resume_folder`). Otherwise the complete ``run_dir/step-*``,
+    highest step first.
     """
     if in_ray_worker():
+        import pyarrow.fs
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        import pyarrow.fs
-
-        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-            return Path(checkpoint.path)
-        return _download(checkpoint)
+        latest = ray.train.get_checkpoint()
+        if latest is None:
+            return
+        fs = latest.filesystem
+        parent, newest = posixpath.split(latest.path.rstrip("/"))
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(parent))
+        names = sorted(
+            (i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory and i.base_name <= newest),
+            reverse=True,
+        )
+        for name in [newest] + [n for n in names if n != newest and n.startswith("checkpoint_")]:
+            checkpoint = ray.train.Checkpoint(posixpath.join(parent, name), filesystem=fs)
+            if isinstance(fs, pyarrow.fs.LocalFileSystem):
+                yield Path(checkpoint.path)
+            else:
+                yield _download(checkpoint)
+        return
     if run_dir is None or not Path(run_dir).is_dir():
-        return None
+        return
     done = [p for p in Path(run_dir).iterdir() if _step_of(p) >= 0 and _has_marker(p)]
-    return max(done, key=_step_of) if done else None
+    yield from sorted(done, key=_step_of, reverse=True)
 
 
 def resume_folder(run_path: str) -> Path:

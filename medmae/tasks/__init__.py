@@ -6,6 +6,7 @@ To add a task: write ``medmae/tasks/<name>.py`` with a :class:`~medmae.tasks.bas
 
 from medmae.tasks import classify, pretrain, segment  # noqa: F401  (registration)
 from medmae.tasks.base import (
+    EvalContext,
     NoOptions,
     Task,
     file_kinds,
@@ -22,6 +23,7 @@ def get_task(cfg) -> Task:
 
 
 __all__ = [
+    "EvalContext",
     "NoOptions",
     "Task",
     "file_kinds",

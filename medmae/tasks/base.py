@@ -21,12 +21,36 @@ from torch import nn
 from medmae.config import from_dict
 from medmae.models import create_model, get_entry
 
-__all__ = ["Task", "NoOptions", "register_task", "task_class", "task_names", "task_for_file_kind", "file_kinds"]
+__all__ = [
+    "EvalContext",
+    "Task",
+    "NoOptions",
+    "register_task",
+    "task_class",
+    "task_names",
+    "task_for_file_kind",
+    "file_kinds",
+]
 
 
 @dataclass
 class NoOptions:
     """A task without options: its ``finetune:`` section must stay empty."""
+
+
+@dataclass
+class EvalContext:
+    """What a validation needs from the trainer."""
+
+    model: nn.Module
+    """the unwrapped model, in its training dtype"""
+    resolved: Any
+    """the model's resolved config (``num_classes``, ``img_size``, ...)"""
+    rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype
+    """the compute dtype (autocast for the windows)"""
 
 
 class Task:
@@ -92,16 +116,7 @@ class Task:
         """An (H, W) or (3, H, W) picture of the last batch for TensorBoard, or None."""
         return None
 
-    def validate(
-        self,
-        model: nn.Module,
-        resolved: Any,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        split: str = "validation",
-    ) -> dict[str, Any] | None:
+    def validate(self, ctx: EvalContext, split: str = "validation") -> dict[str, Any] | None:
         """Whole-split evaluation on this rank's share, reduced over ranks; ``{"score": ..., ...}`` or None."""
         return None
 

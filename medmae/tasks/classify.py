@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from medmae.models import ViTClassifier
-from medmae.tasks.base import register_task
+from medmae.tasks.base import EvalContext, register_task
 from medmae.tasks.finetune import FinetuneTask
 from medmae.tasks.metrics import evaluate_classification
 
@@ -35,22 +35,13 @@ class ClassifyTask(FinetuneTask):
         logits = model(batch["image"]).float()
         return self.loss_fn(logits, batch["label"].float().reshape(logits.shape)), logits
 
-    def validate(
-        self,
-        model: nn.Module,
-        resolved: Any,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        split: str = "validation",
-    ) -> dict[str, Any]:
+    def validate(self, ctx: EvalContext, split: str = "validation") -> dict[str, Any]:
         return evaluate_classification(
-            model,
-            self.val_loader(rank, world_size, split),
+            ctx.model,
+            self.val_loader(ctx.rank, ctx.world_size, split),
             roi=tuple(self.cfg.data.roi_size),
-            num_classes=resolved.num_classes,
-            device=device,
-            dtype=dtype,
-            class_names=self.label_names(resolved),
+            num_classes=ctx.resolved.num_classes,
+            device=ctx.device,
+            dtype=ctx.dtype,
+            class_names=self.label_names(ctx.resolved),
         )

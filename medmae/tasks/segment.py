@@ -13,7 +13,7 @@ from torch import nn
 from medmae.config import Range, check_ranges
 from medmae.data.labels import BRATS_REGIONS, brats_regions, regions_to_brats
 from medmae.models import UNETR
-from medmae.tasks.base import register_task
+from medmae.tasks.base import EvalContext, register_task
 from medmae.tasks.finetune import FinetuneOptions, FinetuneTask
 from medmae.tasks.metrics import evaluate_segmentation
 
@@ -86,16 +86,8 @@ class SegmentTask(FinetuneTask):
         target = brats_regions(batch["label"]) if self.regions else batch["label"]
         return self.loss_fn(logits, target), logits
 
-    def validate(
-        self,
-        model: nn.Module,
-        resolved: Any,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        split: str = "validation",
-    ) -> dict[str, Any]:
+    def validate(self, ctx: EvalContext, split: str = "validation") -> dict[str, Any]:
+        resolved = ctx.resolved
         if self.regions and resolved.num_classes != 3:
             raise ValueError(
                 f"model.num_classes: BraTS regions need 3 outputs (WT, TC, ET), got {resolved.num_classes}"
@@ -103,13 +95,13 @@ class SegmentTask(FinetuneTask):
         names = self.label_names(resolved)
         evaluated = names if self.regions else names[1:]  # background is not scored
         return evaluate_segmentation(
-            model,
-            self.val_loader(rank, world_size, split),
+            ctx.model,
+            self.val_loader(ctx.rank, ctx.world_size, split),
             roi=tuple(self.cfg.data.roi_size),
             num_classes=resolved.num_classes,
             regions=self.regions,
-            device=device,
-            dtype=dtype,
+            device=ctx.device,
+            dtype=ctx.dtype,
             sw_batch=self.opts.sw_batch,
             overlap=self.opts.sw_overlap,
             class_names=None if self.regions else evaluated,

@@ -2,7 +2,8 @@
 
 The same code runs in a Ray Train worker, under the ``deepspeed`` launcher or ``torchrun``, and as a single process;
 ``medmae.distributed`` hides which. The task spec (``medmae.tasks``) supplies the model, its loss, its validation and
-its export.
+its export; ``CheckpointManager`` owns checkpoints and results; ``StepMetrics`` keeps the step's numbers on the
+device until a log step reads them. The trainer is the loop.
 
 Randomness: the model is initialised from ``run.seed`` alone, so every rank builds the same weights; then each rank
 switches to its own stream derived from ``(run.seed, rank)`` for MAE masks, drop-path and augmentation. Every rank
@@ -13,40 +14,33 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from medmae.config import from_dict, save_config, to_dict
 from medmae.data import TrainStream, build_train_stream
-from medmae.distributed import (
-    broadcast_,
-    checkpoint_dir,
-    create_engine,
-    init_process_group,
-    latest_checkpoint_dir,
-    mean_over_ranks,
-    report,
-    resolve_device,
-)
-from medmae.io import write_json_atomic
+from medmae.distributed import create_engine, init_process_group, report, resolve_device
 from medmae.models import train_flops_per_sample
-from medmae.tasks import get_task
+from medmae.tasks import EvalContext, get_task
+from medmae.training import faults
+from medmae.training.checkpoint import CheckpointManager
 from medmae.training.config import JobConfig, derive
 from medmae.training.logs import Board, Progress, memory_gib, peak_flops, setup_logging
+from medmae.training.metrics import StepMetrics
 from medmae.training.optim import build_optimizer, lr_at
-from medmae.training.rng import RankState, rank_seed, seed_everything
+from medmae.training.rng import rank_seed, seed_everything
 
 logger = logging.getLogger(__name__)
 
-STEP_PREFIX = "step-"
 STARTS_FILE = "starts.jsonl"  # run directory: step resumed from, worker count and batch arithmetic of each start
-FAIL_AT_STEP_ENV = "MEDMAE_TEST_FAIL_AT_STEP"  # test hook, not a user setting: the last rank dies once at this step
+
+
+class DivergedError(RuntimeError):
+    """Training produced non-finite losses or gradients for more steps in a row than ``train.max_bad_steps``."""
 
 
 def run_dir_of(cfg: JobConfig) -> Path:
@@ -101,15 +95,19 @@ class Trainer:
             dtype=self.engine.dtype if self.device.type == "cuda" else torch.float32,
         )
         self.step = 0
-        self._best_state: dict[str, torch.Tensor] = {}
         self.board = Board(self.run_dir, self.rank)
-        self.results: dict[str, Any] = {
+        self.metrics = StepMetrics(self.device)
+        results = {
             "task": cfg.task,
             "metric": self.task.metric,
             "metric_groups": list(self.task.metric_groups),
             "best": None,
             "history": [],
         }
+        identity = {"model_name": cfg.model["name"], "model": to_dict(self.model_cfg)}
+        self.ckpt = CheckpointManager(
+            self.run_dir, self.engine, identity=identity, keep_last=cfg.run.keep_last, results=results
+        )
         if self.rank == 0:
             save_config(
                 cfg,
@@ -123,63 +121,20 @@ class Trainer:
                 f.write(json.dumps({"step": self.step, "time": time.time(), **self.derived.as_dict()}) + "\n")
 
     # ---- checkpoints ------------------------------------------------------------------------------------------------
-    def client_state(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "model_name": self.cfg.model["name"],
-            "model": to_dict(self.model_cfg),
-            "global_batch": self.derived.global_batch,
-            "results": self.results,
-        }
-
     def resume(self) -> None:
-        ckpt = latest_checkpoint_dir(self.run_dir / "checkpoints")
-        if ckpt is None:
-            return
-        state = self.engine.load(ckpt)
-        saved_model = {k: v for k, v in (state.get("model") or {}).items() if k != "grad_checkpointing"}
-        if saved_model != to_dict(self.model_cfg) or state.get("model_name") != self.cfg.model["name"]:
-            raise ValueError(
-                f"checkpoint {ckpt} was written for model {state.get('model_name')} {saved_model}; "
-                f"this run builds {self.cfg.model['name']} {to_dict(self.model_cfg)}: refusing to resume into a "
-                "different architecture (use a new run.name)"
-            )
-        self.step = int(state["step"])
-        self.results = state.get("results", self.results)
-        tag = f"{STEP_PREFIX}{self.step:08d}"
-        record = RankState.load(ckpt / tag, self.rank)
-        if record is None:  # a worker the checkpoint did not have (the run grew)
-            seed_everything(rank_seed(self.cfg.run.seed, self.rank, self.step))
-            logger.info("no saved random state for rank %d: a fresh stream from (seed, rank, step)", self.rank)
-        elif record.get("data"):
+        self.step, record = self.ckpt.resume(self.cfg.run.seed)
+        if record and record.get("data"):
             self.data.load_state_dict(record["data"])  # the stream continues its epoch where it was
-        logger.info(
-            "resumed from %s at step %d (written with global batch %s, now %d)",
-            ckpt,
-            self.step,
-            state.get("global_batch"),
-            self.derived.global_batch,
-        )
 
     def save_checkpoint(self, metrics: dict[str, float], final: bool = False) -> None:
         """Every rank writes its shard and its random state; under Ray the files become the reported checkpoint."""
-        name = f"{STEP_PREFIX}{self.step:08d}"
-        with checkpoint_dir(self.run_dir / "checkpoints", name) as d:
-            # before the engine's marker file, which says "complete"
-            RankState.save(d / name, self.rank, extra={"data": self.data.state_dict()})
-            self.engine.save(d, tag=name, client_state=self.client_state())
-            if final:
-                self.export(Path(d))
-            report({**metrics, "step": self.step}, d)
-        self.prune_checkpoints()
-
-    def prune_checkpoints(self) -> None:
-        root = self.run_dir / "checkpoints"
-        if self.rank != 0 or not root.is_dir():
-            return
-        steps = sorted(p for p in root.iterdir() if p.name.startswith(STEP_PREFIX))
-        for old in steps[: -self.cfg.run.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        self.ckpt.save(
+            self.step,
+            client_state={"global_batch": self.derived.global_batch},
+            rank_record={"data": self.data.state_dict()},
+            metrics=metrics,
+            extra=self.export if final else None,
+        )
 
     def export(self, extra_dir: Path | None = None, filename: str | None = None) -> dict[str, torch.Tensor]:
         """Consolidated fp32 weights through the task (MAE: ``encoder.safetensors``) into the run directory; returns
@@ -194,11 +149,14 @@ class Trainer:
         return state
 
     # ---- validation -------------------------------------------------------------------------------------------------
-    def validate(self) -> dict[str, Any] | None:
-        """Whole-volume validation on every rank's share; logs, updates results.json and the best model."""
-        res = self.task.validate(
+    def eval_context(self) -> EvalContext:
+        return EvalContext(
             self.engine.module, self.model_cfg, self.rank, self.world_size, self.device, self.engine.dtype
         )
+
+    def validate(self) -> dict[str, Any] | None:
+        """Whole-volume validation on every rank's share; logs, updates results.json and the best model."""
+        res = self.task.validate(self.eval_context())
         if res is None:
             return None
         res = {"step": self.step, **res}
@@ -206,50 +164,37 @@ class Trainer:
         for group in self.task.metric_groups:
             flat.update({f"{group}/{k}": v for k, v in res.get(group, {}).items()})
         self.board.scalars(flat, self.step, prefix="val/")
-        self.results["history"].append(res)
-        best = self.results["best"]
-        if best is None or (np.isfinite(res["score"]) and not res["score"] <= best["score"]):
-            self.results["best"] = res
+        if self.ckpt.record_validation(res):
             best_state = self.export(filename="best_model.safetensors")  # collective
             if self.task.has_split("test"):  # kept (rank 0, CPU) to score the best model on the test split at the end
-                self._best_state = best_state
-        if self.rank == 0:
-            write_json_atomic(self.run_dir / "results.json", self.results)
-            logger.info(
-                "validation at step %d: score %.4f (best %.4f at step %d)",
-                self.step,
-                res["score"],
-                self.results["best"]["score"],
-                self.results["best"]["step"],
-            )
+                self.ckpt.best_state = best_state
+        self.ckpt.write_results()
+        best = self.ckpt.results["best"]
+        logger.info(
+            "validation at step %d: score %.4f (best %.4f at step %d)",
+            self.step,
+            res["score"],
+            best["score"],
+            best["step"],
+        )
         return res
 
     def test(self) -> dict[str, Any] | None:
         """The best model by validation score, scored once on the dataset's test split (ChestX-ray14's official
         test list): the number to report, never used to select anything. Runs after the final checkpoint, since it
         loads the best weights into the model."""
-        if self.results["best"] is None or not self.task.has_split("test"):
+        best = self.ckpt.results["best"]
+        if best is None or not self.task.has_split("test"):
             return None
-        best = self._best_state if self.rank == 0 else {}
-        if self.rank == 0 and not best:  # a resumed run: the best weights are only on disk
-            from safetensors.torch import load_file
-
-            best = load_file(str(self.run_dir / "best_model.safetensors"))
-        with torch.no_grad():
-            for name, value in self.engine.module.state_dict().items():
-                incoming = best[name].to(value.device, value.dtype) if self.rank == 0 else torch.empty_like(value)
-                value.copy_(broadcast_(incoming))
-        res = self.task.validate(
-            self.engine.module, self.model_cfg, self.rank, self.world_size, self.device, self.engine.dtype, split="test"
-        )
+        self.ckpt.load_best_into(self.engine.module)
+        res = self.task.validate(self.eval_context(), split="test")
         if res is None:
             return None
-        res = {"step": self.results["best"]["step"], **res}
+        res = {"step": best["step"], **res}
         self.board.scalars({k: v for k, v in res.items() if isinstance(v, float)}, self.step, prefix="test/")
-        self.results["test"] = res
-        if self.rank == 0:
-            write_json_atomic(self.run_dir / "results.json", self.results)
-            logger.info("test split, best model (step %d): score %.4f", res["step"], res["score"])
+        self.ckpt.results["test"] = res
+        self.ckpt.write_results()
+        logger.info("test split, best model (step %d): score %.4f", res["step"], res["score"])
         return res
 
     # ---- training ---------------------------------------------------------------------------------------------------
@@ -272,29 +217,43 @@ class Trainer:
             self.engine.step()
             total += loss.detach().float()
         self.step += 1
-        return {"loss": total / self.derived.grad_accum, "lr": lr, "batch": batch, "out": out}
+        self.metrics.update(total / self.derived.grad_accum, self.engine.grad_norm_tensor())
+        return {"lr": lr, "batch": batch, "out": out}
 
-    def maybe_fail(self) -> None:
-        """Test hook (``MEDMAE_TEST_FAIL_AT_STEP``): the last rank kills its own process once at that step."""
-        fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "-1"))
-        if self.step != fail_at or self.rank != self.world_size - 1:
-            return
-        marker = self.run_dir / ".fail_injected"
-        if not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(str(self.step))
-            logger.warning("%s: killing this worker at step %d", FAIL_AT_STEP_ENV, self.step)
-            # Ray's controller collects reports by polling; a worker that dies right after reporting can take its
-            # latest checkpoint with it. Waiting a few poll intervals makes the injected failure deterministic.
-            time.sleep(3.0)
-            os._exit(13)
+    def read_metrics(self, lr: float, t0: float) -> dict[str, float]:
+        """Collective: the interval's numbers, read from the device once; stops a diverged run (no checkpoint,
+        no export of its state)."""
+        steps = self.metrics.steps
+        m = self.metrics.read(self.world_size)
+        dt = (time.perf_counter() - t0) / max(1, steps)  # after the read: the step's work is done
+        self.metrics.reset()
+        if m["bad_run"] > self.cfg.train.max_bad_steps or m["bad_now"] > self.cfg.train.max_bad_steps:
+            raise DivergedError(
+                f"step {self.step}: non-finite loss or gradient norm in {int(m['bad_steps'])} of the last {steps} "
+                f"steps ({int(max(m['bad_run'], m['bad_now']))} in a row, train.max_bad_steps="
+                f"{self.cfg.train.max_bad_steps}); the run stops without saving this state. The last good checkpoint "
+                f"is {self.ckpt.last_good or '(none)'}: lower optim.base_lr or add optim.grad_clip, then re-run"
+            )
+        out = {
+            "loss": m["loss"],
+            "lr": lr,
+            "grad_norm": m["grad_norm"],
+            "bad_steps": m["bad_steps"],
+            "step_time_s": dt,
+            "volumes_per_s": self.derived.global_batch / dt,
+            "tokens_per_s": self.derived.global_batch * self.model_cfg.num_patches / dt,
+            "memory_gib": memory_gib(self.device),
+        }
+        if self.peak:
+            out["mfu"] = self.flops / dt / (self.peak * self.world_size)
+        return out
 
     def train(self) -> dict[str, float]:
         cfg = self.cfg
         data = self.data
         progress = Progress(cfg.train.max_steps, self.step)
-        flops = train_flops_per_sample(cfg.model["name"], self.model_cfg) * self.derived.global_batch
-        peak = peak_flops(self.device, self.engine.dtype)
+        self.flops = train_flops_per_sample(cfg.model["name"], self.model_cfg) * self.derived.global_batch
+        self.peak = peak_flops(self.device, self.engine.dtype)
         metrics: dict[str, float] = {}
         if self.step >= cfg.train.max_steps:
             logger.info(
@@ -305,25 +264,15 @@ class Trainer:
             self.board.close()
             return metrics
         t0 = time.perf_counter()
-        loss_sum, steps_in_interval = torch.zeros((), device=self.device), 0
         while self.step < cfg.train.max_steps:
-            self.maybe_fail()
+            faults.before_step(self.step, self.rank, self.world_size, self.run_dir)
             out = self.train_step(data)
-            loss_sum += out["loss"]  # stays on the device: no host sync until the log line
-            steps_in_interval += 1
-            if self.step % cfg.run.log_every == 0 or self.step in (1, cfg.train.max_steps):
-                dt = (time.perf_counter() - t0) / steps_in_interval
-                metrics = {
-                    "loss": mean_over_ranks(loss_sum / steps_in_interval),
-                    "lr": out["lr"],
-                    "grad_norm": self.engine.grad_norm(),
-                    "step_time_s": dt,
-                    "volumes_per_s": self.derived.global_batch / dt,
-                    "tokens_per_s": self.derived.global_batch * self.model_cfg.num_patches / dt,
-                    "memory_gib": memory_gib(self.device),
-                }
-                if peak:
-                    metrics["mfu"] = flops / dt / (peak * self.world_size)
+            last = self.step == cfg.train.max_steps
+            checkpoint_now = self.step % cfg.run.checkpoint_every == 0 and not last
+            validate_now = bool(cfg.run.val_every) and self.step % cfg.run.val_every == 0 and not last
+            # every step that saves or validates reads the metrics first: a non-finite state is never kept
+            if self.step % cfg.run.log_every == 0 or self.step == 1 or last or checkpoint_now or validate_now:
+                metrics = self.read_metrics(out["lr"], t0)
                 # one metrics.jsonl line per logged step: the step's training scalars and the data stream's counters
                 self.board.scalars(
                     {
@@ -335,13 +284,11 @@ class Trainer:
                 if self.rank == 0:
                     progress.update(self.step - 1, metrics)
                 t0 = time.perf_counter()
-                loss_sum, steps_in_interval = torch.zeros((), device=self.device), 0
             if cfg.run.image_every and self.step % cfg.run.image_every == 0 and self.rank == 0:
                 img = self.task.image(self.engine.module, out["batch"], out["out"])
                 if img is not None:
                     self.board.image("train/input|masked|reconstruction", img, self.step)
-            checkpoint_now = self.step % cfg.run.checkpoint_every == 0 and self.step < cfg.train.max_steps
-            if cfg.run.val_every and self.step % cfg.run.val_every == 0 and self.step < cfg.train.max_steps:
+            if validate_now:
                 res = self.validate()
                 if res is not None:
                     metrics = {**metrics, "val_score": res["score"]}
