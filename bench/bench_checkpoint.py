@@ -38,7 +38,7 @@ def measure(model_name: str, size: int, stage: int, precision: str, out: Path) -
     torch.manual_seed(0)
     model = create_model(model_name, img_size=[size] * 3)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    cfg = DistributedConfig(zero_stage=stage, precision=precision)
+    cfg = from_dict(DistributedConfig, {"zero_stage": stage, "precision": precision})
     engine = create_engine(
         model,
         build_optimizer(model, from_dict(OptimConfig, {}), 1e-4, "cpu"),

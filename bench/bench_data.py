@@ -27,6 +27,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -228,14 +229,16 @@ def resident_table(
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     devices = [device] if device is not None else devices
     dims = len(roi)
-    common = dict(
+    common: dict[str, Any] = dict(
         path=str(path),
         spatial_dims=dims,
         roi_size=tuple(roi),
         num_workers=workers,
         crop=crop,
     )
-    out = {"roi": list(roi), "workers": workers, "volumes": len(read_manifest(path)["samples"]), "rows": {}}
+    rows: dict[str, dict] = {}
+    out: dict[str, Any] = {"roi": list(roi), "workers": workers, "volumes": len(read_manifest(path)["samples"])}
+    out["rows"] = rows
     min_s = 1.5 if quick else 4.0
     for dev in devices:
         cuda = dev.type == "cuda"
@@ -253,21 +256,21 @@ def resident_table(
             row.update(wait_s=stream.stats()["wait_s"], resident_volumes=len(stream.resident))
             stream.close()
             name = f"resident, {dev.type}" + (", float16 out" if dtype == torch.float16 else "")
-            out["rows"][name] = row
+            rows[name] = row
         # the data not fitting the budget (half of it does): the workers' decoding at resident_reuse paces it
         half = sum(np.prod(x["shape"]) * 2 for x in read_manifest(path)["samples"]) / 2 / 2**30
         stream = build_train_stream(DataConfig(**common, resident_gib=half), batch_size=batch, device=dev)
         srow = loader_rate(stream, batch, dev, min_s)
         srow.update(wait_s=stream.stats()["wait_s"], resident_volumes=len(stream.resident))
         stream.close()
-        out["rows"][f"resident, {dev.type}, streaming half the data"] = srow
-        row = out["rows"][f"resident, {dev.type}"]
+        rows[f"resident, {dev.type}, streaming half the data"] = srow
+        row = rows[f"resident, {dev.type}"]
         key = "crops_per_s" if cuda else "crops_per_cpu_s"
         for name, b in models:
             if quick and not cuda and "base" in name:
                 continue
             m = model_rate(name, tuple(roi), (128 if dims == 3 else 256) if cuda else b, dev, steps=2 if quick else 3)
-            out["rows"][f"{name}, {dev.type}"] = {"model": m, "ratio": row[key] / m[key]}
+            rows[f"{name}, {dev.type}"] = {"model": m, "ratio": row[key] / m[key]}
     return out
 
 

@@ -80,8 +80,8 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true", help="one GPU per worker (reports MFU)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    with tempfile.TemporaryDirectory(prefix="medmae-bench-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="medmae-bench-") as folder:
+        tmp = Path(folder)
         datalist = write_phantom_dataset(tmp / "raw", n=6, shape=(args.size + 16,) * 3, seed=0)
         convert(datalist, tmp / "wds", ConvertOptions(preset="ct", workers=0, shard_size_mb=0.5), progress=False)
         rows = [run(w, args, tmp / "wds", tmp / "runs", s) for s in args.stages for w in args.workers]

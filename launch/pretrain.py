@@ -84,7 +84,7 @@ def _tool(name: str) -> str:
 def _finetune_target(config_path: str | None) -> tuple[str, str, str]:
     """(config, run directory, task) of the fine-tuning that matches ``configs/pretrain_X.yaml``: finetune_X.yaml."""
     name = Path(config_path or "").name
-    path = Path(config_path).with_name(name.replace("pretrain", "finetune")) if "pretrain" in name else None
+    path = Path(config_path or "").with_name(name.replace("pretrain", "finetune")) if "pretrain" in name else None
     if path is None or not path.is_file():
         return "FINETUNE.yaml", "FINETUNE_RUN_DIR", "segment"
     ft = load_config(JobConfig, path)

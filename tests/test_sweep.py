@@ -132,6 +132,24 @@ def test_report_aggregates_seeds_and_picks_the_best_lr(tmp_path, assets):
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_takes_the_metric_groups_a_task_declares(tmp_path, assets):
+    """A task's own per-class metric group (here 'iou', which no report code names) reaches results.csv and the
+    aggregate, because the trial's results.json carries the task spec's metric_groups."""
+    from medmae.sweep.report import aggregate, collect_rows
+
+    cfg = _sweep_cfg(tmp_path, assets, "grid.seeds=[0]", "grid.lr=[1e-3]", "grid.train_fraction=[0.5]")
+    root = tmp_path / "report"
+    for spec in expand_grid(cfg):
+        run = root / "trials" / spec.name
+        run.mkdir(parents=True)
+        best = {"step": 8, "score": 0.5, "mean_iou": 0.5, "iou": {"liver": 0.5}}
+        results = {"task": "volumetry", "metric": "IoU", "metric_groups": ["iou"], "best": best, "history": [best]}
+        (run / "results.json").write_text(json.dumps(results))
+    rows = collect_rows(root / "trials", expand_grid(cfg))
+    assert rows[0]["iou/liver"] == 0.5 and rows[0]["mean_iou"] == 0.5 and rows[0]["metric"] == "IoU"
+    assert all("iou/liver" in entry["stats"] for entry in aggregate(rows).values())
+
+
 # ---- real Ray Tune --------------------------------------------------------------------------------------------------
 ray = pytest.importorskip("ray")
 

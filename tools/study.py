@@ -59,7 +59,8 @@ class LoadSampler(threading.Thread):
 
     def __init__(self, period: float = 5.0) -> None:
         super().__init__(daemon=True)
-        self.period, self.samples, self.stopped = period, [], threading.Event()
+        self.period, self.stopped = period, threading.Event()
+        self.samples: list[float] = []
 
     def run(self) -> None:
         while not self.stopped.wait(self.period):
@@ -81,6 +82,7 @@ def run_stage(name: str, cmd: list[str], log_dir: Path, env: dict[str, str]) -> 
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
+        assert proc.stdout is not None  # stdout=PIPE
         for line in proc.stdout:
             log.write(line)
             if SHOW.search(line) and not NOISE.search(line):
@@ -167,7 +169,7 @@ def write_summary(out: Path, sweep_dir: Path, pool: int, held_out: int, timings:
     table, stats = paired_table(rows, pool)
     budgets = " and ".join(str(b) for b in sorted({budget for budget, _ in stats}))
     total = sum(t["wall_s"] or 0.0 for t in timings.values())
-    status = {}
+    status: dict[str, int] = {}
     for r in rows:
         status[r["status"]] = status.get(r["status"], 0) + 1
     lines = [

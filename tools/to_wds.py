@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{result.output}: {result.converted} converted ({result.megabytes:.1f} MB), "
         f"{result.skipped} already done, {len(result.errors)} error(s)"
     )
-    for e in result.errors:
-        print(f"  {e['reason']}: {e['key']}: {e['message']}")
+    for err in result.errors:
+        print(f"  {err['reason']}: {err['key']}: {err['message']}")
     if a.verify:
         print(f"verify: {'ok' if not result.problems else f'{len(result.problems)} problem(s)'}")
         for p in result.problems:

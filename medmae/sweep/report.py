@@ -59,10 +59,10 @@ def collect_rows(trials_dir: Path, specs: Iterable[TrialSpec]) -> list[dict[str,
             "score": best.get("score"),
             "wall_time_s": status.get("wall_time_s"),
         }
+        # the task's per-class groups as <group>/<class> columns (the only columns with a '/'), then its other means
         for group in groups:
             row.update({f"{group}/{k}": v for k, v in (best.get(group) or {}).items()})
-        if "mean_hd95" in best:
-            row["mean_hd95"] = best["mean_hd95"]
+        row.update({k: v for k, v in best.items() if k.startswith("mean_")})
         rows.append(row)
     return rows
 
@@ -116,7 +116,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[tuple[str, float], dict[str, A
             groups[(row["init"], row["train_fraction"], row["lr"])].append(row)
     best: dict[tuple[str, float], dict[str, Any]] = {}
     for (init, frac, lr), members in groups.items():
-        cols = [k for k in members[0] if k == "score" or k.startswith(("dice/", "auc/", "hd95/"))]
+        cols = [k for k in members[0] if k == "score" or "/" in k]  # the score and the task's metric groups
         stats = {c: _stats([m[c] for m in members if _finite(m.get(c))]) for c in cols}
         entry = {"lr": lr, "stats": stats, "seeds": sorted(m["seed"] for m in members)}
         if (init, frac) not in best or stats["score"][0] > best[(init, frac)]["stats"]["score"][0]:
