@@ -41,7 +41,7 @@ def main() -> None:
     if args.pretrained:
         args.overrides.append(f"finetune.pretrained={args.pretrained}")
     cfg = absolute_paths(load_job(args))
-    if cfg.task == "pretrain":
+    if cfg.task == "pretrain":  # the one unlabelled task has its own launcher (launch/pretrain.py)
         raise SystemExit(
             "config error: task: launch/finetune.py fine-tunes (segment or classify); "
             "pretraining runs through launch/pretrain.py"

@@ -27,6 +27,7 @@ from medmae.config import load_config, to_dict  # noqa: E402
 from medmae.distributed import run_ray  # noqa: E402
 from medmae.distributed.console import quiet_ray_console  # noqa: E402
 from medmae.io import is_url  # noqa: E402
+from medmae.tasks import task_class  # noqa: E402
 from medmae.training.cli import absolute_paths, load_job, parser  # noqa: E402
 from medmae.training.config import JobConfig  # noqa: E402
 from medmae.training.logs import setup_logging  # noqa: E402
@@ -113,7 +114,8 @@ def next_steps(cfg: JobConfig, config_path: str | None, metrics: dict | None) ->
     encoder = run_dir / "encoder.safetensors"
     ft_config, ft_run, task = _finetune_target(config_path)
     image = _sample_image(cfg)
-    output = f"{ft_run}/predictions.csv" if task == "classify" else f"{ft_run}/predictions/{Path(image).name}"
+    table = task_class(task).writes_table
+    output = f"{ft_run}/predictions.csv" if table else f"{ft_run}/predictions/{Path(image).name}"
     python = _tool("python")
     return "\n".join(
         [
@@ -133,7 +135,7 @@ def next_steps(cfg: JobConfig, config_path: str | None, metrics: dict | None) ->
 def main() -> None:
     args = parser(__doc__).parse_args()
     cfg = load_job(args)
-    if cfg.task != "pretrain":
+    if cfg.task != "pretrain":  # this launcher is MAE pretraining's (it exports and names the encoder)
         raise SystemExit(f"config error: task: launch/pretrain.py runs task 'pretrain', the config says {cfg.task!r}")
     setup_logging(rank=0)
     check_job_paths(cfg)

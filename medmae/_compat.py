@@ -4,11 +4,18 @@ torchvision wheels built for CUDA fail to load their C extension on CPU-only mac
 kernels then raises ``operator torchvision::nms does not exist`` on ``import torchvision`` (so on ``import timm``).
 Defining the two op schemas torchvision attaches fakes to lets the pure-Python parts (all timm needs) import.
 Where the extension loads (any GPU machine, or a CPU build of torchvision) it registers those schemas itself, and
-defining them first would abort the process, so the schemas are only added after an import has failed that way.
+defining them as well would abort the process, so they are defined only when the extension cannot load.
+
+The probe loads the extension library itself (under a millisecond) instead of importing torchvision (1.4 s: its
+``models`` import ``torch._dynamo``), so ``import medmae`` stays cheap; timm and torchvision are imported where a
+model or an optimizer is built.
 """
 
 from __future__ import annotations
 
+import glob
+import importlib.util
+import os
 import sys
 
 import torch
@@ -17,22 +24,21 @@ _LIB = None
 
 
 def patch_torchvision_ops() -> None:
-    """Import torchvision; if its C extension could not register ``torchvision::nms``, declare the schemas and retry."""
+    """Declare ``torchvision::nms``/``qnms`` when torchvision is installed but its C extension cannot load here."""
     global _LIB
-    if _LIB is not None:
+    if _LIB is not None or "torchvision" in sys.modules:
+        return
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return  # not installed: nothing imports it
+    libs = glob.glob(os.path.join(spec.submodule_search_locations[0], "_C*.so"))
+    if not libs:
         return
     try:
-        import torchvision  # noqa: F401 - the import itself is the probe
-
+        torch.ops.load_library(libs[0])  # what torchvision's own import does first; it registers the schemas
         return
-    except ImportError:
-        return  # not installed: nothing imports it
-    except RuntimeError as e:
-        if "torchvision::nms" not in str(e):
-            raise
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]  # the half-imported package; the retry starts clean
+    except OSError:
+        pass
     _LIB = torch.library.Library("torchvision", "FRAGMENT")  # kept alive: the schemas live as long as it does
     _LIB.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _LIB.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import torchvision  # noqa: F401

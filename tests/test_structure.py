@@ -145,3 +145,17 @@ def test_no_python_file_over_500_lines():
         if (n := len(p.read_text().splitlines())) > 500
     ]
     assert not long, long
+
+
+def test_importing_the_trainer_loads_no_heavy_library():
+    """Every Ray worker and sweep trial imports the trainer; MONAI, timm/torchvision, DeepSpeed and Ray come in only
+    where they are used (building a model, starting the engine), so the import costs about torch's own."""
+    import subprocess
+    import sys
+
+    heavy = ("timm", "torchvision", "monai", "deepspeed", "ray", "nibabel", "itk", "webdataset", "zarr")
+    code = "import sys, medmae.training.trainer, medmae.sweep.grid, medmae.data; print(sorted(sys.modules))"
+    loaded = set(subprocess.check_output([sys.executable, "-c", code], cwd=ROOT, text=True).strip()[2:-2].split("', '"))
+    assert not [m for m in heavy if m in loaded], [m for m in heavy if m in loaded]
+    # and timm still imports after medmae on a machine whose torchvision C extension cannot load (this one)
+    subprocess.check_call([sys.executable, "-c", "import medmae, timm.layers, torchvision"], cwd=ROOT)

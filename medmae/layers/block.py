@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from timm.layers import DropPath, Mlp
 from torch import nn
 
 from medmae.layers.attention import Attention
@@ -19,6 +18,8 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         norm_eps: float = 1e-6,
     ) -> None:
+        from timm.layers import DropPath, Mlp  # timm (with torchvision, 1.4 s) is imported where a model is built
+
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)

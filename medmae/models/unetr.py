@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from monai.networks.blocks.dynunet_block import UnetOutBlock
-from monai.networks.blocks.unetr_block import UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import nn
 
 from medmae.models.vit import EncoderModel, VisionTransformer, ViTConfig
@@ -55,6 +53,10 @@ class UNETRConfig(ViTConfig):
 
 class UNETR(EncoderModel):
     def __init__(self, cfg: UNETRConfig) -> None:
+        # MONAI (1.3 s to import) is imported where a UNETR is built, not by every process that imports medmae
+        from monai.networks.blocks.dynunet_block import UnetOutBlock
+        from monai.networks.blocks.unetr_block import UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+
         super().__init__()
         self.cfg = cfg
         self.encoder = VisionTransformer(cfg)

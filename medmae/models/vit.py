@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
-from timm.layers import to_ntuple
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -68,7 +67,7 @@ class ViTConfig:
 
     @property
     def patch(self) -> tuple[int, ...]:
-        return to_ntuple(self.spatial_dims)(self.patch_size)
+        return (self.patch_size,) * self.spatial_dims  # timm's to_ntuple for an int, without importing timm here
 
     @property
     def grid_size(self) -> tuple[int, ...]:

@@ -87,8 +87,12 @@ def trial_job(cfg: SweepConfig, spec: TrialSpec) -> JobConfig:
         job = from_dict(JobConfig, data)
     except ValueError as e:
         raise ValueError(f"trial {spec.name} ({path} + overrides): {e}") from None
-    if job.task == "pretrain":
-        raise ValueError(f"finetune_config: {path} has task 'pretrain'; a sweep fine-tunes (segment or classify)")
+    from medmae.tasks import task_class
+
+    if not task_class(job.task).with_labels:  # the sweep's grid is over labelled fractions: unlabelled tasks have none
+        raise ValueError(
+            f"finetune_config: {path} has task '{job.task}'; a sweep fine-tunes on labels (segment, classify)"
+        )
     job.data.path = resolve_local(job.data.path)
     return job
 

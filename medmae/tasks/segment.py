@@ -7,7 +7,6 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
 from medmae.config import Range, check_ranges
@@ -25,6 +24,8 @@ class RegionLoss(nn.Module):
     perfect ones, bring it near zero."""
 
     def __init__(self, bce: bool = True) -> None:
+        from monai.losses import DiceLoss  # MONAI where it is used (1.3 s)
+
         super().__init__()
         self.dice = DiceLoss(sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5, squared_pred=True)
         self.bce = nn.BCEWithLogitsLoss() if bce else None
@@ -73,6 +74,8 @@ class SegmentTask(FinetuneTask):
         if self.regions:
             self.loss_fn = RegionLoss(bce=self.opts.region_loss == "dice_bce")
         else:
+            from monai.losses import DiceCELoss
+
             self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, smooth_nr=0.0, smooth_dr=1e-5, squared_pred=True)
 
     def file_kind(self) -> str:

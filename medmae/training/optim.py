@@ -12,7 +12,6 @@ import math
 from typing import Any
 
 import torch
-from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
 __all__ = ["adamw_kwargs", "build_optimizer", "lr_at", "param_groups"]
@@ -20,6 +19,8 @@ __all__ = ["adamw_kwargs", "build_optimizer", "lr_at", "param_groups"]
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
     """Optimizer groups with ``weight_decay`` and, under layer decay, ``lr_scale`` (applied by ``Engine.set_lr``)."""
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay  # timm where it is used (1.4 s)
+
     skip = sorted(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else []
     if layer_decay < 1.0:
         return param_groups_layer_decay(

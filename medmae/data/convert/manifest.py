@@ -10,7 +10,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from medmae.data.convert.preprocess import checksum
 from medmae.io import is_url
 
 __all__ = ["MANIFEST", "ERRORS", "read_manifest", "verify", "join_url"]
@@ -52,6 +51,7 @@ def verify(out: str | Path, storage_options: dict | None = None) -> list[str]:
     """
     import fsspec
 
+    from medmae.data.convert.preprocess import checksum  # the converter's readers: not needed to read a manifest
     from medmae.data.storage import iter_shard_samples, open_zarr, read_zarr_sample
 
     out = str(out)
