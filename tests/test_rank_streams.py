@@ -38,6 +38,7 @@ PretrainTask.loss = loss
 
 def job(name, steps):
     return load_config(JobConfig, f"{repo}/configs/pretrain_debug.yaml", [
+        f"data.path={shards}", f"run.output_dir={out}/runs", "data.num_workers=0",
         f"run.name={name}", f"train.max_steps={steps}", "run.checkpoint_every=2", "run.image_every=0",
         "dist.zero_stage=1", "train.micro_batch=2", "train.global_batch=8"])
 
