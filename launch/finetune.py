@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medmae.config import to_dict  # noqa: E402
 from medmae.training.cli import absolute_paths, load_job, parser  # noqa: E402
+from medmae.training.preemption import Preempted  # noqa: E402
 from medmae.training.trainer import Trainer, run_dir_of, train_worker  # noqa: E402
 
 
@@ -54,7 +55,11 @@ def main() -> None:
         )
     else:
         trainer = Trainer(cfg)
-        trainer.train()
+        try:
+            trainer.train()
+        except Preempted as e:  # a scheduler's SIGTERM: the checkpoint is written; exit as a terminated job does
+            print(f"preempted: {e}", file=sys.stderr)
+            raise SystemExit(Preempted.exit_code) from None
         if trainer.rank != 0:
             return
     best = json.loads((run_dir_of(cfg) / "results.json").read_text())["best"]

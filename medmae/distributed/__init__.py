@@ -30,6 +30,7 @@ _LAZY = {
     "ensure_ray": "ray_launch",
     "forwarded_env": "ray_launch",
     "in_ray_worker": "ray_launch",
+    "preemption_pending": "ray_launch",
     "report": "ray_launch",
     "run_ray": "ray_launch",
     "world_info": "ray_launch",

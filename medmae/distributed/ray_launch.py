@@ -43,6 +43,7 @@ __all__ = [
     "forwarded_env",
     "checkpoint_candidates",
     "in_ray_worker",
+    "preemption_pending",
     "remove_orphaned_checkpoint_dirs",
     "report",
     "resume_folder",
@@ -178,6 +179,16 @@ def report(metrics: dict[str, Any], checkpoint_dir: str | os.PathLike | None = N
 
     checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
     ray.train.report(dict(metrics), checkpoint=checkpoint)
+
+
+def preemption_pending() -> bool:
+    """Under Ray: whether a node of this run is being drained (``ray.train.get_preemption_info``, a barrier: every
+    rank must call it at the same step). Always False outside Ray."""
+    if not in_ray_worker():
+        return False
+    import ray.train
+
+    return ray.train.get_preemption_info() is not None
 
 
 def _step_of(path: Path) -> int:

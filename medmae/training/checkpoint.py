@@ -111,10 +111,10 @@ class CheckpointManager:
     def _any_rank(self, flag: bool) -> bool:
         return bool(all_reduce_sum(torch.tensor(float(flag), device=self.engine.device)).item() > 0)
 
-    def resume(self, seed: int) -> tuple[int, dict[str, Any] | None]:
-        """Collective: load the newest checkpoint that verifies on every rank. Returns ``(step, this rank's saved
-        record)`` (``(0, None)`` without one); restores this rank's random streams, or gives a rank the checkpoint
-        did not have a fresh stream from ``(seed, rank, step)``."""
+    def resume(self, seed: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Collective: load the newest checkpoint that verifies on every rank. Returns ``(client state, this rank's
+        saved record)`` (``({"step": 0}, None)`` without one); restores this rank's random streams, or gives a rank
+        the checkpoint did not have a fresh stream from ``(seed, rank, step)``."""
         skipped = []
         for ckpt in checkpoint_candidates(self.root):
             problem = verify_checkpoint(ckpt)
@@ -134,13 +134,13 @@ class CheckpointManager:
             logger.info(
                 "resumed from %s at step %d (written with global batch %s)", ckpt, step, state.get("global_batch")
             )
-            return step, record
+            return state, record
         if skipped:
             raise CheckpointError(
                 f"no checkpoint of {self.run_dir} passes verification (skipped {skipped}); move them away to start "
                 "the run afresh, or use a new run.name"
             )
-        return 0, None
+        return {"step": 0}, None
 
     def _check_identity(self, ckpt: Path, state: dict[str, Any]) -> None:
         saved = {k: v for k, v in (state.get("model") or {}).items() if k != "grad_checkpointing"}
@@ -175,7 +175,7 @@ class CheckpointManager:
                 if extra is not None:
                     extra(d)
                 write_json_atomic(d / name / FILES.format(self.rank), file_list(d))
-            except OSError as e:
+            except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
                 error = e
             if self._any_rank(error is not None):
                 raise self._write_error(d, error)
@@ -183,17 +183,18 @@ class CheckpointManager:
         self.last_good = self.root / name
         self.prune()
 
-    def _write_error(self, folder: Path, error: OSError | None) -> CheckpointError:
+    def _write_error(self, folder: Path, error: Exception | None) -> CheckpointError:
         shutil.rmtree(folder, ignore_errors=True)  # the partial files; the checkpoints before it stay
         if error is None:
             return CheckpointError(f"another rank could not write its part of the checkpoint in {folder.parent}")
-        space = ""
-        if error.errno == errno.ENOSPC:
-            free = shutil.disk_usage(folder.parent if folder.parent.exists() else self.run_dir).free
-            space = f"; {free / 2**20:.1f} MiB free, {self._last_size() / 2**20:.1f} MiB for the previous checkpoint"
+        free = shutil.disk_usage(self.root if self.root.exists() else self.run_dir).free
+        need = self._last_size()
+        full = getattr(error, "errno", None) == errno.ENOSPC or free < max(need, 1 << 20)
+        what = "No space left on device" if full else str(getattr(error, "strerror", None) or error)
         return CheckpointError(
-            f"cannot write checkpoint files to {folder} ({error.strerror or error}{space}); the previous checkpoint "
-            f"{self.last_good or '(none)'} is intact: free space and re-run to resume from it"
+            f"cannot write checkpoint files to {folder} ({what}; {free / 2**20:.1f} MiB free, the previous checkpoint "
+            f"took {need / 2**20:.1f} MiB); the previous checkpoint {self.last_good or '(none)'} is intact: free "
+            "space and re-run to resume from it"
         )
 
     def _last_size(self) -> int:

@@ -73,8 +73,11 @@ class TrainConfig:
     global_batch: Annotated[int | None, Range(ge=1)] = None
     """samples per optimizer step over all workers (None = micro_batch × workers); sets gradient accumulation"""
     max_bad_steps: Annotated[int, Range(ge=0)] = 3
-    """optimizer steps in a row with a non-finite loss or gradient norm before the run stops with an error (it
-    never checkpoints or exports such a state); they are counted in train/bad_steps"""
+    """bad optimizer steps in a row (non-finite loss or gradient norm, or a loss spike) before the run stops with an
+    error (it never checkpoints or exports such a state); they are counted in train/bad_steps"""
+    loss_spike: Annotated[float, Range(ge=0)] = 1000.0
+    """a step whose loss exceeds this many times the running mean of the good steps' losses is a bad step (0 = only
+    non-finite steps are)"""
     grad_checkpointing: bool = False
     """recompute encoder (and MAE decoder) blocks in backward to save activation memory; a runtime switch, so a
     resumed run may turn it on or off"""

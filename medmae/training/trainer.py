@@ -23,7 +23,7 @@ import torch
 
 from medmae.config import from_dict, save_config, to_dict
 from medmae.data import TrainStream, build_train_stream
-from medmae.distributed import create_engine, init_process_group, report, resolve_device
+from medmae.distributed import create_engine, init_process_group, preemption_pending, report, resolve_device
 from medmae.models import train_flops_per_sample
 from medmae.tasks import EvalContext, get_task
 from medmae.training import faults
@@ -32,6 +32,7 @@ from medmae.training.config import JobConfig, derive
 from medmae.training.logs import Board, Progress, memory_gib, peak_flops, setup_logging
 from medmae.training.metrics import StepMetrics
 from medmae.training.optim import build_optimizer, lr_at
+from medmae.training.preemption import Preempted, SigtermFlag
 from medmae.training.rng import rank_seed, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -95,8 +96,9 @@ class Trainer:
             dtype=self.engine.dtype if self.device.type == "cuda" else torch.float32,
         )
         self.step = 0
+        self.sigterm, self.stop_requested, self.bad_now = SigtermFlag(), False, False
         self.board = Board(self.run_dir, self.rank)
-        self.metrics = StepMetrics(self.device)
+        self.metrics = StepMetrics(self.device, cfg.train.loss_spike)
         results = {
             "task": cfg.task,
             "metric": self.task.metric,
@@ -122,7 +124,9 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------------------------
     def resume(self) -> None:
-        self.step, record = self.ckpt.resume(self.cfg.run.seed)
+        state, record = self.ckpt.resume(self.cfg.run.seed)
+        self.step = int(state["step"])
+        self.metrics.mean.fill_(float(state.get("loss_mean", 0.0)))  # the spike rule's baseline carries over
         if record and record.get("data"):
             self.data.load_state_dict(record["data"])  # the stream continues its epoch where it was
 
@@ -130,7 +134,7 @@ class Trainer:
         """Every rank writes its shard and its random state; under Ray the files become the reported checkpoint."""
         self.ckpt.save(
             self.step,
-            client_state={"global_batch": self.derived.global_batch},
+            client_state={"global_batch": self.derived.global_batch, "loss_mean": float(self.metrics.mean)},
             rank_record={"data": self.data.state_dict()},
             metrics=metrics,
             extra=self.export if final else None,
@@ -224,13 +228,16 @@ class Trainer:
         """Collective: the interval's numbers, read from the device once; stops a diverged run (no checkpoint,
         no export of its state)."""
         steps = self.metrics.steps
-        m = self.metrics.read(self.world_size)
+        m = self.metrics.read(self.world_size, stop=self.sigterm.raised)
+        self.stop_requested = m["stop"] > 0
         dt = (time.perf_counter() - t0) / max(1, steps)  # after the read: the step's work is done
         self.metrics.reset()
-        if m["bad_run"] > self.cfg.train.max_bad_steps or m["bad_now"] > self.cfg.train.max_bad_steps:
+        self.bad_now = m["bad_now"] > 0  # the step just taken was bad: its state is not saved
+        last = self.step == self.cfg.train.max_steps
+        if max(m["bad_run"], m["bad_now"]) > self.cfg.train.max_bad_steps or (last and self.bad_now):
             raise DivergedError(
-                f"step {self.step}: non-finite loss or gradient norm in {int(m['bad_steps'])} of the last {steps} "
-                f"steps ({int(max(m['bad_run'], m['bad_now']))} in a row, train.max_bad_steps="
+                f"step {self.step}: non-finite or exploding loss or gradient norm in {int(m['bad_steps'])} of the "
+                f"last {steps} steps ({int(max(m['bad_run'], m['bad_now']))} in a row, train.max_bad_steps="
                 f"{self.cfg.train.max_bad_steps}); the run stops without saving this state. The last good checkpoint "
                 f"is {self.ckpt.last_good or '(none)'}: lower optim.base_lr or add optim.grad_clip, then re-run"
             )
@@ -249,8 +256,9 @@ class Trainer:
         return out
 
     def train(self) -> dict[str, float]:
+        """The run: steps to ``train.max_steps`` (logging, validating and checkpointing on their cadences), then a
+        final validation, checkpoint and export; raises :class:`Preempted` after saving on a SIGTERM."""
         cfg = self.cfg
-        data = self.data
         progress = Progress(cfg.train.max_steps, self.step)
         self.flops = train_flops_per_sample(cfg.model["name"], self.model_cfg) * self.derived.global_batch
         self.peak = peak_flops(self.device, self.engine.dtype)
@@ -263,6 +271,23 @@ class Trainer:
             self.data.close()
             self.board.close()
             return metrics
+        self.sigterm.install()
+        try:
+            metrics = self._loop(progress)
+        finally:
+            self.sigterm.uninstall()
+        final = self.validate()
+        if final is not None:
+            metrics = {**metrics, "val_score": final["score"]}
+        self.save_checkpoint(metrics, final=True)
+        self.data.close()
+        self.test()
+        self.board.close()
+        return metrics
+
+    def _loop(self, progress: Progress) -> dict[str, float]:
+        cfg, data, drained = self.cfg, self.data, False
+        metrics: dict[str, float] = {}
         t0 = time.perf_counter()
         while self.step < cfg.train.max_steps:
             faults.before_step(self.step, self.rank, self.world_size, self.run_dir)
@@ -271,7 +296,8 @@ class Trainer:
             checkpoint_now = self.step % cfg.run.checkpoint_every == 0 and not last
             validate_now = bool(cfg.run.val_every) and self.step % cfg.run.val_every == 0 and not last
             # every step that saves or validates reads the metrics first: a non-finite state is never kept
-            if self.step % cfg.run.log_every == 0 or self.step == 1 or last or checkpoint_now or validate_now:
+            log_now = self.step % cfg.run.log_every == 0 or self.step == 1 or last or checkpoint_now or validate_now
+            if log_now:
                 metrics = self.read_metrics(out["lr"], t0)
                 # one metrics.jsonl line per logged step: the step's training scalars and the data stream's counters
                 self.board.scalars(
@@ -294,15 +320,18 @@ class Trainer:
                     metrics = {**metrics, "val_score": res["score"]}
                     if not checkpoint_now:  # Ray Tune schedulers (ASHA) decide on these reports
                         report({**metrics, "step": self.step})
-            if checkpoint_now:
+            if self.stop_requested and not last:  # SIGTERM on some rank: save here, stop, resume on re-run
                 self.save_checkpoint(metrics)
-        final = self.validate()
-        if final is not None:
-            metrics = {**metrics, "val_score": final["score"]}
-        self.save_checkpoint(metrics, final=True)
-        self.data.close()
-        self.test()
-        self.board.close()
+                self.data.close()
+                self.board.close()
+                raise Preempted(f"stopped at step {self.step} on SIGTERM; {self.ckpt.last_good} resumes the run")
+            if log_now and not drained and preemption_pending():  # Ray drains a node: save now, go on
+                drained = checkpoint_now = True
+                logger.warning("a node of this run is being drained: saving a checkpoint at step %d", self.step)
+            if checkpoint_now and self.bad_now:
+                logger.warning("step %d was a bad step: no checkpoint of its state", self.step)
+            elif checkpoint_now:
+                self.save_checkpoint(metrics)
         return metrics
 
 
