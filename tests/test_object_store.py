@@ -107,8 +107,9 @@ def _checkpoints(url: str) -> dict[int, str]:
 @pytest.mark.slow
 def test_checkpoints_in_the_bucket_resume_a_killed_run_and_hold_the_encoder(ray_session, s3_bucket, datasets, tmp_path):
     """launch/pretrain.py streams its data from the bucket and reports checkpoints into it; the driver is killed
-    (SIGKILL: no clean-up) after a checkpoint; the same run name resumes from the bucket; the final checkpoint there
-    holds encoder.safetensors, which fine-tuning and the sweep take as ``s3://`` URLs."""
+    (SIGKILL: no clean-up) after two checkpoints and the newest is then truncated in the bucket (a partial upload);
+    the same run name resumes from the bucket's previous checkpoint, skipping the broken one; the final checkpoint
+    there holds encoder.safetensors, which fine-tuning and the sweep take as ``s3://`` URLs."""
     import ray
 
     from medmae.distributed import run_ray
@@ -148,7 +149,7 @@ def test_checkpoints_in_the_bucket_resume_a_killed_run_and_hold_the_encoder(ray_
         )
         try:
             deadline = time.monotonic() + 240
-            while (committed_step(f"{storage}/s3") or 0) < 4:
+            while (committed_step(f"{storage}/s3") or 0) < 8:
                 assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
                 assert time.monotonic() < deadline, "no checkpoint in the bucket in time"
                 time.sleep(0.3)
@@ -161,12 +162,16 @@ def test_checkpoints_in_the_bucket_resume_a_killed_run_and_hold_the_encoder(ray_
     killed_at = _steps(metrics)
     saved = committed_step(f"{storage}/s3")
     assert killed_at[-1] < 40 and not (tmp_path / "runs" / "s3" / "encoder.safetensors").exists()
+    on_s3 = _checkpoints(f"{storage}/s3")
+    previous = max(s for s in on_s3 if s < saved)
+    [optim] = _fs().glob(f"{on_s3[saved]}/step-{saved:08d}/*optim_states.pt")
+    _fs().pipe(optim, _fs().cat(optim)[:1000])
 
     cfg = load_config(JobConfig, REPO / "configs/pretrain_debug.yaml", overrides)
     result = run_ray(train_worker, {"config": to_dict(cfg)}, cfg.dist, run_name="s3")
     assert result.error is None and result.metrics["step"] == 40
     resumed = _steps(metrics)[len(killed_at) :]
-    assert resumed == list(range(saved + 1, 41)), (killed_at, resumed)  # from the bucket's newest checkpoint
+    assert resumed == list(range(previous + 1, 41)), (killed_at, saved, resumed)  # the newest that verifies
     shutil.rmtree(resume_folder(f"{storage.removeprefix('s3://')}/s3"))  # where the re-run downloaded it
 
     final = _checkpoints(f"{storage}/s3")[40]
