@@ -83,6 +83,19 @@ def phantom_sets(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def seg_shards(tmp_path_factory):
+    """Eight 40³ CT-like phantoms with two organ classes (the datalist puts two in validation), as wds shards: the
+    fine-tuning data of the finetune, sweep and multi-node tests, which only read it."""
+    from medmae.data.convert import ConvertOptions, convert
+    from medmae.data.synthetic import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("seg")
+    datalist = write_phantom_dataset(root / "raw", n=8, shape=(40, 40, 40), num_classes=3, seed=5)
+    convert(datalist, root / "wds", ConvertOptions(format="wds", preset="ct", workers=0), progress=False)
+    return root / "wds"
+
+
+@pytest.fixture(scope="session")
 def xray_shards(tmp_path_factory):
     """Four small 8-bit PNG radiographs (written by ITK) with two findings in a CSV, converted with the xray preset
     (one for validation): the 2D classification data of the loader tests, which only read it."""

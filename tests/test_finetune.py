@@ -25,16 +25,6 @@ from medmae.training.config import JobConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def seg_shards(tmp_path_factory) -> Path:
-    """Eight 40³ CT-like phantoms with two organ classes; the datalist puts two in validation."""
-    root = tmp_path_factory.mktemp("seg")
-    datalist = write_phantom_dataset(root / "raw", n=8, shape=(40, 40, 40), num_classes=3, seed=5)
-    out = root / "wds"
-    convert(datalist, out, ConvertOptions(format="wds", preset="ct", workers=0), progress=False)
-    return out
-
-
 def _job(tmp_path: Path, shards: Path, *overrides: str) -> JobConfig:
     return load_config(
         JobConfig,

@@ -20,9 +20,6 @@ import pytest
 from conftest import committed_step
 
 from medmae.config import load_config, to_dict
-from medmae.data.convert.options import ConvertOptions
-from medmae.data.convert.run import convert
-from medmae.data.synthetic import write_phantom_dataset
 from medmae.training.config import JobConfig
 
 pytest.importorskip("ray")
@@ -146,15 +143,6 @@ def test_elastic_pretraining_grows_onto_a_new_node_and_survives_losing_one(ray_c
     downloads = resume_folder(f"{storage.removeprefix('s3://')}/elastic")
     assert len([p for p in downloads.iterdir() if p.is_dir()]) == 1
     shutil.rmtree(downloads)
-
-
-@pytest.fixture(scope="module")
-def seg_shards(tmp_path_factory) -> Path:
-    """Eight 40³ phantoms with two organ classes (two of them for validation)."""
-    root = tmp_path_factory.mktemp("seg")
-    datalist = write_phantom_dataset(root / "raw", n=8, shape=(40, 40, 40), num_classes=3, seed=5)
-    convert(datalist, root / "wds", ConvertOptions(format="wds", preset="ct", workers=0), progress=False)
-    return root / "wds"
 
 
 def test_sweep_trials_wait_for_nodes_and_a_lost_node_restarts_only_its_trial(ray_cluster, tmp_path, seg_shards):

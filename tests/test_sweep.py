@@ -21,9 +21,6 @@ import torch
 import yaml
 
 from medmae.config import load_config
-from medmae.data.convert.options import ConvertOptions
-from medmae.data.convert.run import convert
-from medmae.data.synthetic import write_phantom_dataset
 from medmae.models import create_model, save_encoder
 from medmae.sweep import SweepConfig, expand_grid, trial_job
 from medmae.sweep.report import write_report
@@ -33,15 +30,13 @@ DEBUG = REPO / "configs/sweep_debug.yaml"
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, Path]:
-    """Eight 40³ phantoms (two for validation) as shards, and a debug MAE encoder unlike any seed-0 init."""
+def assets(tmp_path_factory, seg_shards) -> dict[str, Path]:
+    """The session's eight labelled phantoms, and a debug MAE encoder unlike any seed-0 init."""
     root = tmp_path_factory.mktemp("sweep_data")
-    datalist = write_phantom_dataset(root / "raw", n=8, shape=(40, 40, 40), num_classes=3, seed=5)
-    convert(datalist, root / "wds", ConvertOptions(format="wds", preset="ct", workers=0), progress=False)
     torch.manual_seed(123)
     mae = create_model("mae_vit_3d_debug")
     encoder = save_encoder(mae.state_dict(), mae.cfg.encoder_dict(), root / "encoder.safetensors")
-    return {"shards": root / "wds", "encoder": Path(encoder)}
+    return {"shards": seg_shards, "encoder": Path(encoder)}
 
 
 def _sweep_cfg(tmp_path: Path, assets: dict[str, Path], *overrides: str) -> SweepConfig:
