@@ -1,13 +1,16 @@
-"""Checkpoint size and save time per ZeRO stage: the real engine (``create_engine`` + ``Engine.save``) on N ranks.
+"""Checkpoint size, save and verify time per ZeRO stage: the real engine and the trainer's ``CheckpointManager`` (the
+DeepSpeed files, each rank's size + CRC-32 list, the merge into place) on N ranks.
 
     torchrun --nproc_per_node 2 bench/bench_checkpoint.py                                   # debug MAE, CPU
     torchrun --nproc_per_node 2 bench/bench_checkpoint.py --model mae_vit_base_patch16_3d   # ViT-B/16 MAE
 
 Each stage builds the model, takes one optimizer step (Adam allocates its moments lazily) and saves twice into a
 temporary folder; rank 0 prints one JSON line per stage: parameters, bytes on disk (total and the largest rank's
-files), file count, the second save's wall time, and the time of the conversion that a run resumed on another
-worker count starts with (``ds_to_universal``, by each node's first rank). The crop is tiny (``--size``): parameter
-count and hence the checkpoint do not depend on it (position tables are recomputed, not stored).
+files), file count, the second save's wall time (what a preempted run needs after its last step: docs/faults.md),
+the time a resume spends verifying it (``verify_checkpoint``: every file's size and CRC-32), and the time of the
+conversion that a run resumed on another worker count starts with (``ds_to_universal``, by each node's first rank).
+The crop is tiny (``--size``): parameter count and hence the checkpoint do not depend on it (position tables are
+recomputed, not stored).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch.distributed as dist  # noqa: E402
 from medmae.config import from_dict  # noqa: E402
 from medmae.distributed import DistributedConfig, create_engine  # noqa: E402
 from medmae.models import create_model  # noqa: E402
+from medmae.training.checkpoint import CheckpointManager, verify_checkpoint  # noqa: E402
 from medmae.training.config import OptimConfig  # noqa: E402
 from medmae.training.optim import build_optimizer  # noqa: E402
 
@@ -51,22 +55,28 @@ def measure(model_name: str, size: int, stage: int, precision: str, out: Path) -
     loss, _, _ = engine(x)
     engine.backward(loss)
     engine.step()
+    identity = {"model_name": model_name, "model": {}}
+    manager = CheckpointManager(out / f"s{stage}", engine, identity=identity, keep_last=2, results={"history": []})
     times = []
     for i in range(2):  # the first save also pays for creating folders and warming the page cache
         dist.barrier()
         t0 = time.perf_counter()
-        engine.save(out / f"s{stage}", tag=f"step-{i}", client_state={"step": i})
+        manager.save(i + 1, client_state={}, rank_record={}, metrics={})
         dist.barrier()
         times.append(time.perf_counter() - t0)
+    ckpt = out / f"s{stage}" / "checkpoints" / "step-00000002"
+    t0 = time.perf_counter()
+    assert verify_checkpoint(ckpt) is None
+    verify_s = round(time.perf_counter() - t0, 3)
     universal_s = None
     if stage > 0:  # what a resumed run on another worker count does first (Engine.load): ds_to_universal, timed
         dist.barrier()
         t0 = time.perf_counter()
-        folder = engine._to_universal(out / f"s{stage}", "step-1")
+        folder = engine._to_universal(ckpt, "step-00000002")
         universal_s = round(time.perf_counter() - t0, 3)
         if dist.get_rank() == 0:
             shutil.rmtree(folder, ignore_errors=True)
-    files = [p for p in (out / f"s{stage}" / "step-1").iterdir() if p.is_file()]
+    files = [p for p in (ckpt / "step-00000002").iterdir() if p.is_file()]
     per_rank: dict[int, int] = {}
     for p in files:  # ..._zero_pp_rank_<r>_... is rank r's shard; mp_rank_00_model_states.pt and metadata: rank 0
         match = re.search(r"zero_pp_rank_(\d+)_", p.name)
@@ -82,6 +92,7 @@ def measure(model_name: str, size: int, stage: int, precision: str, out: Path) -
         "largest_rank_bytes": max(per_rank.values()),
         "files": len(files),
         "save_s": round(times[-1], 3),
+        "verify_s": verify_s,
         "to_universal_s": universal_s,
     }
 
