@@ -24,8 +24,8 @@ def test_the_issue_call_builds_a_model_that_runs():
     model = create_model("mae_vit_base_patch16_3d", img_size=96, depth=1, decoder_depth=1)
     assert model.cfg.img_size == (96, 96, 96) and model.cfg.num_patches == 216
     small = create_model("mae_vit_3d_debug", img_size=16)  # patch 8: 2³ tokens
-    loss, pred, mask = small(torch.randn(2, 1, 16, 16, 16))
-    assert pred.shape[:2] == (2, 8) and mask.shape == (2, 8) and torch.isfinite(loss)
+    loss, pred, ids = small(torch.randn(2, 1, 16, 16, 16))
+    assert pred.shape[:2] == (2, 8 - small.num_kept()) and ids.shape == (2, 8) and torch.isfinite(loss)
 
 
 def test_yaml_and_command_line_take_one_size(tmp_path):

@@ -73,12 +73,16 @@ class PatchEmbed(nn.Module):
         self.num_patches = math.prod(self.grid_size)
         self.proj = PatchProjection(in_chans, embed_dim, self.patch_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *img_size)`` -> ``(B, L, C·prod(p))``, each patch a row in the conv weight's (C, *patch) order."""
         if tuple(x.shape[2:]) != self.img_size:
             raise ValueError(f"input spatial size {tuple(x.shape[2:])} does not match the model's {self.img_size}")
         b, c = x.shape[:2]
         n = self.spatial_dims
-        # (B, C, g0, p0, g1, p1, ...) -> (B, g0, g1, ..., C, p0, p1, ...): rows in the conv weight's (C, *patch) order
+        # (B, C, g0, p0, g1, p1, ...) -> (B, g0, g1, ..., C, p0, p1, ...)
         x = x.reshape(b, c, *[d for g, p in zip(self.grid_size, self.patch_size) for d in (g, p)])
         x = x.permute(0, *[2 + 2 * i for i in range(n)], 1, *[3 + 2 * i for i in range(n)])
-        return self.proj(x.reshape(b, self.num_patches, -1))
+        return x.reshape(b, self.num_patches, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.rows(x))

@@ -76,6 +76,9 @@ class PosEmbed(nn.Module):
         with torch.no_grad():
             self.weight.copy_(table)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, L, D)`` -> same shape."""
-        return x + self.weight.to(x.dtype)  # under bf16 autocast an fp32 table would upcast every token
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, L, D)`` -> same shape; with ``ids`` (B, K) the tokens ``x`` (B, K, D) stand for those patches."""
+        table = self.weight.to(x.dtype)  # under bf16 autocast an fp32 table would upcast every token
+        if ids is None:
+            return x + table
+        return x + torch.gather(table.expand(x.shape[0], -1, -1), 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -29,6 +29,6 @@ def _count(model_name: str, config_json: str) -> float:
         x = torch.empty(1, model.cfg.in_chans, *model.cfg.img_size)
     with FlopCounterMode(display=False) as counter:
         out = model(x)
-        loss = out[0] if isinstance(out, tuple) else out  # MAE returns (loss, pred, mask)
+        loss = out[0] if isinstance(out, tuple) else out  # MAE returns (loss, pred, ids_shuffle)
         loss.float().sum().backward()
     return float(counter.get_total_flops())

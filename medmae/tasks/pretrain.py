@@ -1,4 +1,5 @@
-"""MAE self pre-training: the model returns (loss, pred, mask); the encoder is exported for fine-tuning."""
+"""MAE self pre-training: the model returns an ``MAEOutput`` (loss, the hidden patches' predictions, the shuffle);
+the encoder is exported for fine-tuning."""
 
 from __future__ import annotations
 
@@ -21,13 +22,13 @@ class PretrainTask(Task):
     model_classes = (MaskedAutoencoderViT,)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        loss, pred, mask = model(batch["image"])
-        return loss, (pred, mask)
+        out = model(batch["image"])
+        return out.loss, out
 
     def image(self, model: nn.Module, batch: dict[str, torch.Tensor], out: Any) -> np.ndarray:
-        pred, mask = out
+        pred, mask = model.prediction_in_patch_order(out)
         imgs = batch["image"][:1].float()
-        pred = pred[:1].detach().float()
+        pred = pred[:1].float()
         if model.cfg.norm_pix_loss:  # undo the per-patch normalisation with the true patch statistics
             target = model.patchify(imgs)
             pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
