@@ -72,11 +72,15 @@ def test_config_direct_construction_validates_literals():
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_config_batch_identity_and_sections(stage):
     cfg = DistributedConfig(zero_stage=stage, precision="bf16", offload_optimizer=stage > 0)
+    if stage == 0:  # no offload at stage 0: FlatAdamW's layout, DeepSpeed's autocast mode and no clipping of its own
+        ds = build_deepspeed_config(cfg, micro_batch=3, grad_accum=5, world_size=4, grad_clip=1.5, device_type="cpu")
+        assert not ds["bf16"]["enabled"] and ds["torch_autocast"]["enabled"] and ds["gradient_clipping"] == 0.0
+        return
     ds = build_deepspeed_config(cfg, micro_batch=3, grad_accum=5, world_size=4, grad_clip=1.5, device_type="cpu")
     assert ds["train_batch_size"] == 3 * 5 * 4 == 60
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 5
     assert ds["zero_optimization"]["stage"] == stage
-    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]  # the offloaded optimizer keeps DeepSpeed's bf16
     assert ds["gradient_clipping"] == 1.5
     assert ds["zero_allow_untested_optimizer"] and "optimizer" not in ds and "scheduler" not in ds
     assert ("offload_optimizer" in ds["zero_optimization"]) == (stage > 0)
@@ -96,11 +100,15 @@ def test_deepspeed_config_syncs_less_and_reduces_in_fp32(stage):
     assert ds["timers"] == {"throughput": {"enabled": False}} and ds["wall_clock_breakdown"] is False
     assert ds["communication_data_type"] == "fp32"
     zero = ds["zero_optimization"]
-    if stage in (1, 2):  # buckets small enough to overlap with backward, gradients accumulated in fp32
-        assert zero["overlap_comm"] and zero["reduce_bucket_size"] < 5e8
-        assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
-    else:
-        assert "data_types" not in ds  # stage 0 has no fp32 accumulation mode; stage 3 keeps fp32 partitions
+    assert "data_types" not in ds  # BF16_Optimizer (selected by grad_accum_dtype at stage 1) syncs twice a step
+    if stage < 3:  # FlatAdamW: fp32 parameters and gradients under autocast, reduced in fp32; no DeepSpeed norm
+        assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+        assert not ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0.0
+    if stage in (1, 2):  # buckets small enough to overlap with backward; stage 2 overlaps on a side stream
+        assert zero["overlap_comm"] == (stage == 2) and zero["reduce_bucket_size"] < 5e8
+        assert zero["compute_grad_norm"] is False
+    if stage == 3:  # torch AdamW: DeepSpeed's bf16 and clipping
+        assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 1.0
 
 
 def test_deepspeed_config_refusals():
@@ -164,12 +172,21 @@ def test_single_process_engine_trains_saves_and_loads(tmp_path, monkeypatch, sta
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
+    from medmae.distributed import optimizer_layout
+    from medmae.distributed.flat_adamw import FlatAdamW
+
     torch.manual_seed(0)
     model = TinyNet()
+    cfg = DistributedConfig(zero_stage=stage, precision="fp32")
+    layout = optimizer_layout(cfg, "cpu")
+    if layout == "torch":  # ZeRO-3
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    else:
+        optimizer = FlatAdamW([{"params": model.parameters()}], lr=3e-2, single_group=layout == "flat_single")
     engine = create_engine(
         model,
-        torch.optim.AdamW(model.parameters(), lr=3e-2),
-        DistributedConfig(zero_stage=stage, precision="fp32"),
+        optimizer,
+        cfg,
         micro_batch=4,
         grad_accum=2,
         grad_clip=1.0,

@@ -20,6 +20,7 @@ from medmae.distributed.config import DistributedConfig
 
 _LAZY = {
     "build_deepspeed_config": "deepspeed_config",
+    "optimizer_layout": "deepspeed_config",
     "resolve_device": "deepspeed_config",
     "resolve_precision": "deepspeed_config",
     "Engine": "engine",

@@ -37,10 +37,10 @@ class DistributedConfig:
     """Worker-group failures Ray Train recovers from (restart from the latest checkpoint); -1 is unlimited."""
     storage_path: str = "runs"
     """Where Ray Train persists checkpoints and results: a local folder or a URL such as ``s3://bucket/runs``."""
-    zero_stage: Annotated[int, Range(ge=0, le=3)] = 1
-    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer), 2 (+gradients), 3 (+parameters). Stage 1 is
-    the fastest measured for a ViT-B MAE (H200, bf16, batch 128: 84 ms a step; stage 0 83 ms with 260 host syncs;
-    stage 2 119 ms, its per-parameter gradient hooks launch 3x the kernels); 2 and 3 save memory, not time."""
+    zero_stage: Annotated[int, Range(ge=0, le=3)] = 0
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer), 2 (+gradients), 3 (+parameters). Stage 0 does
+    the least host work per step (bf16: 29 ops outside the model at any depth on one GPU, no host sync; stage 1
+    ~9 and stage 2 ~17 ops per parameter tensor; docs/performance.md); 1-3 save memory, not time."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Compute precision: ``auto`` is bf16 where the device supports it, else fp32; fp16 needs a GPU."""
     offload_optimizer: bool = False

@@ -16,6 +16,7 @@ from medmae.distributed.config import DistributedConfig
 
 __all__ = [
     "build_deepspeed_config",
+    "optimizer_layout",
     "resolve_backend",
     "resolve_device",
     "resolve_precision",
@@ -64,10 +65,32 @@ def resolve_backend(backend: str, device_type: str) -> str:
     return backend
 
 
+def optimizer_layout(cfg: DistributedConfig, device_type: str) -> str:
+    """Which client optimizer the engine gets: ``flat`` (``FlatAdamW``, one class per param group: ZeRO-0),
+    ``flat_single`` (``FlatAdamW`` showing DeepSpeed one group: ZeRO-1/2), or ``torch`` (torch AdamW, with
+    DeepSpeed's own clipping: ZeRO-3, whose partitions have no fragment map, fp16, whose loss scaler wraps the step,
+    and the CPU offload, which steps on the host)."""
+    precision = resolve_precision(cfg.precision, device_type)
+    if cfg.zero_stage == 3 or precision == "fp16" or cfg.offload_optimizer:
+        return "torch"
+    return "flat" if cfg.zero_stage == 0 else "flat_single"
+
+
 def build_deepspeed_config(
-    cfg: DistributedConfig, *, micro_batch: int, grad_accum: int, world_size: int, grad_clip: float, device_type: str
+    cfg: DistributedConfig,
+    *,
+    micro_batch: int,
+    grad_accum: int,
+    world_size: int,
+    grad_clip: float,
+    device_type: str,
+    layout: str | None = None,
 ) -> dict[str, Any]:
-    """DeepSpeed config dict for a client AdamW whose learning rate our own schedule sets every step."""
+    """DeepSpeed config dict for a client AdamW whose learning rate our own schedule sets every step.
+
+    With ``FlatAdamW`` (``optimizer_layout``) DeepSpeed does no per-parameter optimizer work: bf16 runs in its
+    torch-autocast mode (fp32 parameters, the forward in bf16: no wrapper optimizer, no loss scaler, fp32 gradients
+    that accumulate exactly), and the gradient norm, clipping and overflow check are FlatAdamW's, on the device."""
     for name, value in (("micro_batch", micro_batch), ("grad_accum", grad_accum), ("world_size", world_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
@@ -77,16 +100,22 @@ def build_deepspeed_config(
     if cfg.offload_optimizer and device_type == "cpu":
         logger.warning("offload_optimizer: the model already lives on the CPU, offloading only adds copies")
 
+    layout = layout or optimizer_layout(cfg, device_type)
+    flat = layout != "torch"
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage in (1, 2):
-        # Reduce gradients bucket by bucket while backward still runs, instead of all of them after it: buckets of
-        # 5e7 elements (DeepSpeed's default 5e8 holds a whole ViT-B, so nothing would overlap).
+        # Buckets of 5e7 elements (DeepSpeed's default 5e8 holds a whole ViT-B, so nothing would overlap). Stage 2
+        # reduces bucket by bucket on a side stream while backward runs when there is someone to reduce with; it
+        # costs a device-wide synchronize at the end of backward, so not in a world of one. Stage 1 reduces after
+        # backward. The norm is FlatAdamW's.
         zero.update(
-            overlap_comm=True,
-            contiguous_gradients=True,
+            overlap_comm=cfg.zero_stage == 2 and world_size > 1,
+            contiguous_gradients=cfg.zero_stage == 2,
             reduce_bucket_size=BUCKET_ELEMENTS,
             allgather_bucket_size=BUCKET_ELEMENTS,
         )
+        if flat:
+            zero["compute_grad_norm"] = False
     elif cfg.zero_stage == 3:
         zero.update(reduce_bucket_size=BUCKET_ELEMENTS, stage3_prefetch_bucket_size=BUCKET_ELEMENTS)
     if cfg.offload_optimizer:
@@ -96,9 +125,9 @@ def build_deepspeed_config(
         "train_batch_size": train_batch,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": float(grad_clip),
+        "gradient_clipping": 0.0 if flat else float(grad_clip),  # FlatAdamW clips inside its fused step
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        "bf16": {"enabled": precision == "bf16" and not flat},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         # Sum gradients over ranks in fp32: a bf16 all-reduce rounds every partial sum to 8 mantissa bits.
         "communication_data_type": "fp32",
@@ -112,10 +141,10 @@ def build_deepspeed_config(
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    if precision == "bf16" and cfg.zero_stage in (1, 2):
-        # Accumulate micro-batch gradients in fp32 (stage 1 then uses DeepSpeed's BF16_Optimizer); stage 0 has no
-        # such mode in DeepSpeed and stage 3 keeps fp32 gradient partitions already.
-        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    if precision == "bf16" and flat:
+        # fp32 parameters and gradients, bf16 matmuls. The empty list keeps DeepSpeed from tagging Linear/Conv
+        # gradients for a bf16 reduction, which at ZeRO-1/2 would override communication_data_type.
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     # The identity DeepSpeed re-checks at initialize; inputs were validated above, so this is an internal invariant.
     assert train_batch == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size
     return ds

@@ -30,10 +30,12 @@ from torch import nn
 from medmae.distributed.config import DistributedConfig
 from medmae.distributed.deepspeed_config import (
     build_deepspeed_config,
+    optimizer_layout,
     resolve_backend,
     resolve_device,
     resolve_precision,
 )
+from medmae.distributed.flat_adamw import FlatAdamW
 
 __all__ = ["Engine", "create_engine", "import_deepspeed", "init_process_group"]
 
@@ -95,14 +97,17 @@ def init_process_group(backend: str = "auto") -> tuple[int, int]:
 class Engine:
     """Thin wrapper over a ``deepspeed.DeepSpeedEngine``; build it with :func:`create_engine`."""
 
-    def __init__(self, ds_engine: Any, cfg: DistributedConfig, precision: str, device: torch.device) -> None:
+    def __init__(
+        self, ds_engine: Any, cfg: DistributedConfig, precision: str, device: torch.device, layout: str
+    ) -> None:
         self._ds = ds_engine
         self.cfg = cfg
         self.precision = precision
         self.device = device
+        self.layout = layout
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self._own_grad_norm: torch.Tensor | float | None = None
+        self.autocast = precision == "bf16" and layout != "torch"  # DeepSpeed's torch-autocast mode
 
     @property
     def module(self) -> nn.Module:
@@ -131,12 +136,19 @@ class Engine:
     def step(self) -> bool:
         """Count one micro-batch; at an accumulation boundary also clip and step the optimizer. True at boundaries."""
         boundary = bool(self._ds.is_gradient_accumulation_boundary())
-        if boundary and self.cfg.zero_stage == 0 and self.precision == "fp32":
-            # DeepSpeed's plain (non-ZeRO, fp32) path clips but keeps no norm; grads are all-reduced by now.
-            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            self._own_grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else 0.0
         self._ds.step()
         return boundary
+
+    def autocast_context(self) -> Any:
+        """What the engine's forward runs under, for forwards outside it (validation): bf16 autocast in the
+        torch-autocast mode, else nothing (the parameters are in the compute dtype already)."""
+        if self.autocast:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @property
+    def client_optimizer(self) -> torch.optim.Optimizer:
+        return self._ds.client_optimizer if getattr(self._ds, "client_optimizer", None) else self._ds.optimizer
 
     def set_lr(self, lr: float) -> None:
         """Set every param group's lr, times its ``lr_scale`` (layer-wise decay) when the group has one."""
@@ -144,10 +156,12 @@ class Engine:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def grad_norm_tensor(self) -> torch.Tensor | float | None:
-        """Global gradient norm of the last optimizer step (before clipping), as DeepSpeed keeps it (a device tensor
-        or a float; reading it is the caller's sync), None when DeepSpeed did not compute it."""
-        norm = self._ds.get_global_grad_norm()
-        return self._own_grad_norm if norm is None else norm
+        """Global gradient norm of the last optimizer step (before clipping): FlatAdamW's device tensor, or what
+        DeepSpeed keeps (a tensor or a float); reading it is the caller's sync."""
+        opt = self.client_optimizer
+        if isinstance(opt, FlatAdamW):
+            return opt.grad_norm
+        return self._ds.get_global_grad_norm()
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
@@ -169,7 +183,12 @@ class Engine:
         directory = Path(directory)
         self._ds.save_checkpoint(str(directory), tag=tag, client_state=state, save_latest=True)
         if self.rank == 0:
-            meta = {"world_size": self.world_size, "zero_stage": self.cfg.zero_stage, "precision": self.precision}
+            meta = {
+                "world_size": self.world_size,
+                "zero_stage": self.cfg.zero_stage,
+                "precision": self.precision,
+                "layout": self.layout,
+            }
             (directory / tag / META_FILE).write_text(json.dumps(meta))
 
     def load(self, directory: str | os.PathLike, tag: str | None = None) -> dict[str, Any]:
@@ -186,6 +205,13 @@ class Engine:
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path} missing: {directory / tag} is not a checkpoint of Engine.save")
         meta = json.loads(meta_path.read_text())
+        written = meta.get("layout", "legacy")
+        if written != self.layout:
+            raise ValueError(
+                f"checkpoint {directory / tag} holds optimizer layout '{written}' (written by an older medmae, whose "
+                f"bf16 kept bf16 parameters); this run uses '{self.layout}': finish that run with the version that "
+                "wrote it, or start a new run.name (its encoder.safetensors fine-tunes as before)"
+            )
         if meta["zero_stage"] != self.cfg.zero_stage or meta["precision"] != self.precision:
             # Universal checkpoints could bridge this, but a silent change of numerics on resume is a config error.
             raise ValueError(
@@ -313,6 +339,15 @@ def create_engine(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     precision = resolve_precision(cfg.precision, device.type)
+    layout = "torch"
+    if isinstance(optimizer, FlatAdamW):
+        layout = "flat_single" if optimizer.single_group else "flat"
+        if layout != optimizer_layout(cfg, device.type):
+            raise ValueError(
+                f"dist: a FlatAdamW in layout '{layout}' cannot drive ZeRO-{cfg.zero_stage} with precision "
+                f"{precision}; build the optimizer with optimizer_layout(dist config) = "
+                f"'{optimizer_layout(cfg, device.type)}'"
+            )
     ds_config = build_deepspeed_config(
         cfg,
         micro_batch=micro_batch,
@@ -320,9 +355,16 @@ def create_engine(
         world_size=world_size,
         grad_clip=grad_clip,
         device_type=device.type,
+        layout=layout,
     )
     model = model.to(device)  # moves parameter data in place: the optimizer's references stay valid
     ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if isinstance(optimizer, FlatAdamW):
+        # ZeRO-1/2: each rank steps its own partition, so the squared norms are summed over the ranks
+        optimizer.configure_data_parallel(grads_partitioned=cfg.zero_stage > 0)
+        if cfg.zero_stage == 0 and world_size == 1:
+            # in a world of one DeepSpeed would still flatten, "all-reduce" and copy back every gradient
+            ds_engine.enable_backward_allreduce = False
     if rank == 0:
         logger.info(
             "DeepSpeed engine: %d workers, ZeRO-%d, %s, micro batch %d x accum %d x %d = %d, device %s",
@@ -335,4 +377,4 @@ def create_engine(
             ds_config["train_batch_size"],
             device,
         )
-    return Engine(ds_engine, cfg, precision, device)
+    return Engine(ds_engine, cfg, precision, device, layout)

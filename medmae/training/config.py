@@ -6,7 +6,7 @@ A YAML file holds only what differs from these defaults; ``launch/*.py --config 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from medmae.config import Range, check_ranges
 from medmae.data.config import DataConfig
@@ -78,6 +78,11 @@ class TrainConfig:
     loss_spike: Annotated[float, Range(ge=0)] = 1000.0
     """a step whose loss exceeds this many times the running mean of the good steps' losses is a bad step (0 = only
     non-finite steps are)"""
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "off"
+    """torch.compile the model's training forward and loss as one full graph (medmae/training/compile.py):
+    ``default`` (Inductor), ``reduce-overhead`` (plus CUDA graphs of forward and backward), ``max-autotune-no-
+    cudagraphs`` (autotuned GEMMs). Off until bench/gpu_check.sh mfu measures it faster on a GPU
+    (docs/performance.md)"""
     grad_checkpointing: bool = False
     """recompute encoder (and MAE decoder) blocks in backward to save activation memory; a runtime switch, so a
     resumed run may turn it on or off"""

@@ -38,9 +38,24 @@ def adamw_kwargs(device_type: str) -> dict[str, Any]:
     return {"fused": True} if device_type in ("cpu", "cuda") else {}
 
 
-def build_optimizer(model: nn.Module, cfg: Any, lr: float, device_type: str) -> torch.optim.Optimizer:
-    """AdamW over ``model``'s groups from ``cfg`` (an ``OptimConfig``), starting at ``lr``."""
+def build_optimizer(
+    model: nn.Module, cfg: Any, lr: float, device_type: str, layout: str = "torch"
+) -> torch.optim.Optimizer:
+    """AdamW over ``model``'s groups from ``cfg`` (an ``OptimConfig``), starting at ``lr``, in the engine's
+    ``layout`` (``medmae.distributed.optimizer_layout``): ``FlatAdamW`` (clipping to ``cfg.grad_clip`` itself) or
+    torch's AdamW (DeepSpeed clips)."""
     groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
+    if layout in ("flat", "flat_single"):
+        from medmae.distributed.flat_adamw import FlatAdamW
+
+        return FlatAdamW(
+            groups,
+            lr=lr,
+            betas=tuple(cfg.betas),
+            weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.grad_clip,
+            single_group=layout == "flat_single",
+        )
     return torch.optim.AdamW(
         groups, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **adamw_kwargs(device_type)
     )

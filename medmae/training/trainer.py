@@ -23,11 +23,19 @@ import torch
 
 from medmae.config import from_dict, save_config, to_dict
 from medmae.data import TrainStream, build_train_stream
-from medmae.distributed import create_engine, init_process_group, preemption_pending, report, resolve_device
+from medmae.distributed import (
+    create_engine,
+    init_process_group,
+    optimizer_layout,
+    preemption_pending,
+    report,
+    resolve_device,
+)
 from medmae.models import train_flops_per_sample
 from medmae.tasks import EvalContext, get_task
 from medmae.training import faults
 from medmae.training.checkpoint import CheckpointManager
+from medmae.training.compile import compile_training_forward
 from medmae.training.config import JobConfig, derive
 from medmae.training.logs import Board, Progress, memory_gib, peak_flops, setup_logging
 from medmae.training.metrics import StepMetrics
@@ -69,7 +77,10 @@ class Trainer:
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         model = self.task.build_model()
         model.set_grad_checkpointing(cfg.train.grad_checkpointing)
-        optimizer = build_optimizer(model, cfg.optim, self.derived.lr, resolve_device().type)
+        device_type = resolve_device().type
+        optimizer = build_optimizer(
+            model, cfg.optim, self.derived.lr, device_type, layout=optimizer_layout(cfg.dist, device_type)
+        )
         self.engine = create_engine(
             model,
             optimizer,
@@ -79,6 +90,8 @@ class Trainer:
             grad_clip=cfg.optim.grad_clip,
         )
         self.device = self.engine.device
+        if cfg.train.compile != "off":
+            compile_training_forward(self.engine.module, cfg.train.compile)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed crop and window sizes: UNETR's 3-D convolutions tune once
             torch.set_float32_matmul_precision("high")  # fp32 runs use TF32 tensor cores (peak_flops counts it)
@@ -99,6 +112,8 @@ class Trainer:
         self.sigterm, self.stop_requested, self.bad_now = SigtermFlag(), False, False
         self.board = Board(self.run_dir, self.rank)
         self.metrics = StepMetrics(self.device, cfg.train.loss_spike)
+        self.flops = train_flops_per_sample(cfg.model["name"], self.model_cfg) * self.derived.global_batch
+        self.peak = peak_flops(self.device, self.engine.dtype)
         results = {
             "task": cfg.task,
             "metric": self.task.metric,
@@ -160,7 +175,8 @@ class Trainer:
 
     def validate(self) -> dict[str, Any] | None:
         """Whole-volume validation on every rank's share; logs, updates results.json and the best model."""
-        res = self.task.validate(self.eval_context())
+        with self.engine.autocast_context():
+            res = self.task.validate(self.eval_context())
         if res is None:
             return None
         res = {"step": self.step, **res}
@@ -191,7 +207,8 @@ class Trainer:
         if best is None or not self.task.has_split("test"):
             return None
         self.ckpt.load_best_into(self.engine.module)
-        res = self.task.validate(self.eval_context(), split="test")
+        with self.engine.autocast_context():
+            res = self.task.validate(self.eval_context(), split="test")
         if res is None:
             return None
         res = {"step": best["step"], **res}
@@ -260,8 +277,6 @@ class Trainer:
         final validation, checkpoint and export; raises :class:`Preempted` after saving on a SIGTERM."""
         cfg = self.cfg
         progress = Progress(cfg.train.max_steps, self.step)
-        self.flops = train_flops_per_sample(cfg.model["name"], self.model_cfg) * self.derived.global_batch
-        self.peak = peak_flops(self.device, self.engine.dtype)
         metrics: dict[str, float] = {}
         if self.step >= cfg.train.max_steps:
             logger.info(
