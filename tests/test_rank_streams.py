@@ -23,22 +23,22 @@ from medmae.tasks.pretrain import PretrainTask
 from medmae.training.config import JobConfig
 from medmae.training.trainer import Trainer
 
-repo, shards, out = sys.argv[1:4]
+repo, shards, out_dir = sys.argv[1:4]
 rank = int(os.environ["RANK"])
 original = PretrainTask.loss
 
 def loss(self, model, batch):
-    value, (pred, mask) = original(self, model, batch)
-    digest = hashlib.sha1(mask.detach().float().cpu().numpy().tobytes()).hexdigest()
-    with open(f"{out}/masks.{rank}.jsonl", "a") as f:
+    value, out = original(self, model, batch)
+    digest = hashlib.sha1(out.ids_shuffle.cpu().numpy().tobytes()).hexdigest()
+    with open(f"{out_dir}/masks.{rank}.jsonl", "a") as f:
         f.write(json.dumps({"run": self.cfg.run.name, "mask": digest}) + "\\n")
-    return value, (pred, mask)
+    return value, out
 
 PretrainTask.loss = loss
 
 def job(name, steps):
     return load_config(JobConfig, f"{repo}/configs/pretrain_debug.yaml", [
-        f"data.path={shards}", f"run.output_dir={out}/runs", "data.num_workers=0",
+        f"data.path={shards}", f"run.output_dir={out_dir}/runs", "data.num_workers=0",
         f"run.name={name}", f"train.max_steps={steps}", "run.checkpoint_every=2", "run.image_every=0",
         "dist.zero_stage=1", "train.micro_batch=2", "train.global_batch=8"])
 
