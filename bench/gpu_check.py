@@ -17,6 +17,9 @@ Sections (each guarded: a failure is recorded and the next section runs):
   loader    crops/s of the resident crop path on the device vs the model's own consumption rate
   train     a short pretraining run of the real trainer (DeepSpeed ZeRO-2 bf16, one process) on generated shards
   compile   the model section's largest batch under torch.compile (bf16 weights): compile time and step time
+  mfu       issue 17's table (bench/gpu_mfu.py; `bench/gpu_check.sh mfu` runs it alone, <= 5 min on one H200):
+            model eager vs compiled, the engine per ZeRO stage, the real trainer at micro-batch 128 and 256 with
+            compile off and on; crops/s, MFU, kernels, syncs and GPU-busy fraction per row
 """
 
 from __future__ import annotations
@@ -38,12 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_model import monai_mae  # noqa: E402  (the same reference model in both benches)
 from gpu_engine import section_engine, section_profile, section_zero  # noqa: E402
+from gpu_mfu import section_mfu  # noqa: E402
 from step_timing import model_kwargs, timed, train_flops, train_step, vit_b  # noqa: E402
 
 from medmae.io import write_json_atomic  # noqa: E402
 from medmae.models import create_model  # noqa: E402
 
-SECTIONS = ("env", "sdpa", "model", "engine", "zero", "profile", "pinned", "loader", "train", "compile")
+SECTIONS = ("env", "sdpa", "model", "engine", "zero", "profile", "pinned", "loader", "train", "compile", "mfu")
 
 
 # ---- sections ------------------------------------------------------------------------------------------------------
@@ -243,7 +247,7 @@ def section_train(args, device):
             "run.image_every=0",
             "run.checkpoint_every=100000",
             "dist.num_workers=1",
-            "dist.zero_stage=2",
+            "dist.zero_stage=0",
             f"data.num_workers={2 if args.tiny else 8}",
         ]
         if not args.tiny:
@@ -300,18 +304,20 @@ SECTION_FUNCS = {
     "loader": section_loader,
     "train": section_train,
     "compile": section_compile,
+    "mfu": section_mfu,
 }
 assert tuple(SECTION_FUNCS) == SECTIONS
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("only", nargs="?", choices=SECTIONS, help="run this one section (e.g. mfu)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"), help="folder for gpu_check.json")
     ap.add_argument("--cpu", action="store_true", help="smoke run on the CPU with tiny sizes")
     ap.add_argument(
         "--sections",
-        default=",".join(s for s in SECTIONS if s != "compile"),
-        help=f"comma list of {', '.join(SECTIONS)} (default: all but compile, measured slower: 0.79x)",
+        default=",".join(s for s in SECTIONS if s not in ("compile", "mfu")),
+        help=f"comma list of {', '.join(SECTIONS)} (default: all but compile and mfu, which run alone)",
     )
     ap.add_argument("--batch", type=int, nargs="+", default=[2, 32, 128], help="per-GPU batch sizes to time")
     ap.add_argument("--size", type=int, default=96)
@@ -320,6 +326,8 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=100)
     args = ap.parse_args()
     args.tiny = args.cpu
+    if args.only:
+        args.sections = args.only
     if args.cpu:
         args.batch, args.size, args.steps, args.warmup, args.train_steps = [2], 32, 2, 1, 6
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -328,6 +336,8 @@ def main() -> None:
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(device), "args": vars(args)}
     out = Path(args.out)
     name = "gpu_check.json" if device.type == "cuda" else "gpu_check_cpu.json"
+    if args.only:
+        name = name.replace("gpu_check", f"gpu_check_{args.only}")
     for section in args.sections.split(","):
         t0 = time.perf_counter()
         print(f"== {section}", flush=True)

@@ -16,7 +16,7 @@ def engine_step(args, device, b: int, stage: int = 2, timers: bool = False):
     """A ViT-B/16 MAE train step in our DeepSpeed engine (one process), on a fixed random batch of ``b`` crops.
 
     ``timers`` puts DeepSpeed's synchronised throughput timer back (its default, which our JSON switches off)."""
-    from medmae.distributed import DistributedConfig, create_engine
+    from medmae.distributed import DistributedConfig, create_engine, optimizer_layout
     from medmae.distributed import engine as engine_mod
     from medmae.training.config import OptimConfig
     from medmae.training.optim import build_optimizer
@@ -35,7 +35,7 @@ def engine_step(args, device, b: int, stage: int = 2, timers: bool = False):
         cfg = DistributedConfig(num_workers=1, zero_stage=stage, precision="bf16" if device.type == "cuda" else "auto")
         eng = create_engine(
             model,
-            build_optimizer(model, OptimConfig(), 1e-4, device.type),
+            build_optimizer(model, OptimConfig(), 1e-4, device.type, layout=optimizer_layout(cfg, device.type)),
             cfg,
             micro_batch=b,
             grad_accum=1,
@@ -43,7 +43,7 @@ def engine_step(args, device, b: int, stage: int = 2, timers: bool = False):
         )
     finally:
         engine_mod.build_deepspeed_config = build
-    x = torch.randn(b, 1, *model.cfg.img_size, device=device, dtype=eng.dtype)
+    x = torch.randn(b, 1, *model.cfg.img_size, device=device, dtype=torch.bfloat16)
 
     def step():
         loss = eng(x)[0]

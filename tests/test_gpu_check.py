@@ -22,7 +22,7 @@ def test_gpu_check_runs_on_the_cpu_and_writes_its_json(tmp_path):
             "--out",
             str(tmp_path),
             "--sections",
-            "env,sdpa,model,engine,pinned",
+            "env,sdpa,model,engine,pinned,mfu",
         ],
         cwd=REPO,
         env=env,
@@ -37,3 +37,6 @@ def test_gpu_check_runs_on_the_cpu_and_writes_its_json(tmp_path):
     [row] = result["model"]["rows"]
     assert row["ours_bf16_weights_s"] > 0 and row["flops_per_sample_G"] > 0
     assert result["engine"]["ours"]["step_s"] > 0 and result["engine"]["with_throughput_timer"]["step_s"] > 0
+    rows = result["mfu"]["rows"]  # issue 17's table: without a GPU no compiled rows, no MFU; syncs counted
+    assert set(rows) == {"model eager", "engine zero0", "engine zero1", "engine zero2", "trainer b2 eager"}
+    assert all(r["step_s"] > 0 and r["syncs_per_step"] <= 1 for r in rows.values())
