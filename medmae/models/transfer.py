@@ -172,6 +172,16 @@ def load_encoder(
         old_grid = _source_grid(weights, source_cfg, len(new_grid))
         weights[POS_KEY] = interpolate_pos_embed(weights[POS_KEY], old_grid, new_grid)
         report["interpolated"].append(f"{POS_KEY}: grid {old_grid} -> {new_grid}")
+    eps = (source_cfg or {}).get("norm_eps", 1e-6)  # files before norm_eps existed were all 1e-6
+    if source_cfg is not None and eps != encoder.cfg.norm_eps:
+        logger.warning(
+            "the encoder was trained with LayerNorm eps %g, this model uses %g: set model.norm_eps=%g to compute "
+            "exactly what it computed",
+            eps,
+            encoder.cfg.norm_eps,
+            eps,
+        )
+        report["norm_eps"] = {"from": eps, "to": encoder.cfg.norm_eps}
     missing = sorted(set(target) - set(weights))
     unexpected = sorted(set(weights) - set(target))
     if missing or unexpected:

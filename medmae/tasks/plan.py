@@ -84,7 +84,7 @@ def _same(key: str, a: Any, b: Any) -> bool:
 def plan_differences(plan: dict[str, Any], preprocessing: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(key, pretraining value, fine-tuning value)`` for each compared key that differs. A plan of several
     datasets at different spacings (``"mixed"``) agrees with any one of them."""
-    out = []
+    out: list[tuple[str, Any, Any]] = []
     for key in COMPARED:
         a, b = plan.get(key), preprocessing.get(key)
         if key == "spacing" and a == "mixed":
