@@ -32,6 +32,7 @@ from medmae.training.config import JobConfig, derive
 from medmae.training.logs import Board, Progress, memory_gib, peak_flops, setup_logging
 from medmae.training.metrics import StepMetrics
 from medmae.training.optim import build_optimizer, lr_at
+from medmae.training.probe import Probe
 from medmae.training.rng import rank_seed, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class Trainer:
             )
             logger.info("run %s: %s", self.run_dir, self.derived.as_dict())
         self.resume()
+        self.probe = Probe.create(cfg, self.run_dir, self.rank, self.model_cfg, self.step)  # rank 0, when on
         if self.rank == 0:  # one line per (re)start: where an elastic run resized or restarted, at what batch split
             with open(self.run_dir / STARTS_FILE, "a") as f:
                 f.write(json.dumps({"step": self.step, "time": time.time(), **self.derived.as_dict()}) + "\n")
@@ -296,6 +298,8 @@ class Trainer:
                         report({**metrics, "step": self.step})
             if checkpoint_now:
                 self.save_checkpoint(metrics)
+            if self.probe is not None:
+                self.probe.after_step(self.step, self.engine, self.board)
         final = self.validate()
         if final is not None:
             metrics = {**metrics, "val_score": final["score"]}
