@@ -76,3 +76,12 @@ def test_pretraining_writes_probe_scores_and_marks_the_best_probe_step(tmp_path,
     manifest = read_manifest(shards)
     assert plan["steps"] == 4 and plan["crop_size"] == [32, 32, 32] and plan["mask_ratio"] == 0.75
     assert plan["datasets"][0]["sha256"] == manifest_checksum(manifest) and plan["preset"] == "ct"
+
+
+def test_a_wrong_probe_dataset_stops_the_run_at_start_naming_the_key(tmp_path):
+    from medmae.training.probe import Probe
+
+    cfg = load_config(JobConfig, None, ["run.probe_every=10", f"run.probe_data={tmp_path / 'nowhere'}"])
+    with pytest.raises(ValueError, match=r"^run.probe_data: .*nowhere"):
+        Probe.create(cfg, tmp_path, 0, cfg.model_config(), step=0)
+    assert Probe.create(cfg, tmp_path, 1, cfg.model_config(), step=0) is None  # other ranks never probe

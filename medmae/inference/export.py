@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from medmae import __version__
@@ -72,8 +72,11 @@ def read_source(path: str | os.PathLike) -> ExportSource:
         path = resolve_checkpoint(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such model file or run directory")
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     results_file = path.parent / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else None
     if "medmae_finetuned" in raw:

@@ -160,6 +160,11 @@ class Probe:
     """The probe of one run, on rank 0 (:meth:`create` gives None elsewhere and when ``run.probe_every`` is 0)."""
 
     def __init__(self, cfg: Any, run_dir: Path, model_cfg: Any, step: int) -> None:
+        if cfg.run.probe_data:  # a wrong path stops the run now, not at its first probe
+            try:
+                read_manifest(cfg.run.probe_data, cfg.data.storage_options)
+            except ValueError as e:
+                raise ValueError(f"run.probe_data: {e}") from None
         self.cfg, self.run_dir, self.model_cfg = cfg, run_dir, model_cfg
         self.every = cfg.run.probe_every
         self._data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -182,13 +187,16 @@ class Probe:
         t0 = time.perf_counter()
         if self._data is None:
             path = _labelled_path(self.cfg)
-            self._data = build_crops(self.cfg, path) if path else None
+            try:
+                self._data = build_crops(self.cfg, path) if path else None
+                why = f"{path}: fewer than 2 labelled volumes"
+            except (ValueError, OSError) as e:  # a probe never stops the training it watches
+                why = f"{path}: {e}"
             if self._data is None:
                 self._off = True
                 logger.warning(
-                    "run.probe_every: no dataset with labels in at least 2 volumes (%s); the probe is off. Name a "
-                    "small labelled dataset with run.probe_data",
-                    path or "the training data has none",
+                    "run.probe_every: the probe is off (%s); name a small labelled dataset with run.probe_data",
+                    why if path else "the training data has no labels",
                 )
                 return None
         crops, targets, volume, held = self._data
