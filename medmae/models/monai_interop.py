@@ -190,6 +190,9 @@ def encoder_from_monai(
         if side ** len(patch) != grid_tokens:
             raise ValueError(f"a {grid_tokens}-token position table is not a cube or square: pass img_size")
         img_size = (side * patch[0],) * len(patch)
+    img_size = tuple(img_size) * len(patch) if len(img_size) == 1 else tuple(img_size)  # one size: a cube
+    if len(img_size) != len(patch):
+        raise ValueError(f"img_size {list(img_size)}: the weights are {len(patch)}D")
     if math.prod(s // patch[0] for s in img_size) != grid_tokens:
         raise ValueError(f"img_size {list(img_size)} with patch {patch[0]} does not give {grid_tokens} tokens")
     cls = "cls_token" in state
