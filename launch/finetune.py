@@ -15,6 +15,7 @@ Re-running with the same run.name resumes.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,11 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medmae.config import to_dict  # noqa: E402
 from medmae.training.cli import absolute_paths, load_job, parser  # noqa: E402
+from medmae.training.config import JobConfig  # noqa: E402
 from medmae.training.preemption import Preempted  # noqa: E402
 from medmae.training.trainer import Trainer, run_dir_of, train_worker  # noqa: E402
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, JobConfig]:
+    """The command line (flags and key=value overrides in any order) -> (arguments, job config)."""
     ap = parser(__doc__)
     ap.add_argument("--pretrained", help="encoder.safetensors from launch/pretrain.py (same as finetune.pretrained=)")
     ap.add_argument("--ray", action="store_true", help="run dist.num_workers Ray Train workers (local Ray or cluster)")
@@ -38,7 +41,7 @@ def main() -> None:
         default=None,
         help="set by the deepspeed launcher (the rank also comes from LOCAL_RANK)",
     )
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.pretrained:
         args.overrides.append(f"finetune.pretrained={args.pretrained}")
     cfg = absolute_paths(load_job(args))
@@ -47,6 +50,11 @@ def main() -> None:
             "config error: task: launch/finetune.py fine-tunes (segment or classify); "
             "pretraining runs through launch/pretrain.py"
         )
+    return args, cfg
+
+
+def main() -> None:
+    args, cfg = parse()
     if args.ray:
         from medmae.distributed import run_ray
 

@@ -14,6 +14,7 @@ neither what .gitignore hides nor more than 100 MiB: give data and outputs as ab
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -132,11 +133,17 @@ def next_steps(cfg: JobConfig, config_path: str | None, metrics: dict | None) ->
     )
 
 
-def main() -> None:
-    args = parser(__doc__).parse_args()
+def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, JobConfig]:
+    """The command line (flags and key=value overrides in any order) -> (arguments, job config)."""
+    args = parser(__doc__).parse_args(argv)
     cfg = load_job(args)
     if cfg.task != "pretrain":  # this launcher is MAE pretraining's (it exports and names the encoder)
         raise SystemExit(f"config error: task: launch/pretrain.py runs task 'pretrain', the config says {cfg.task!r}")
+    return args, cfg
+
+
+def main() -> None:
+    args, cfg = parse()
     setup_logging(rank=0)
     check_job_paths(cfg)
     cfg = absolute_paths(cfg)

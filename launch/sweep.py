@@ -12,7 +12,6 @@ Override any sweep key (grid.seeds=[0,1], resources.workers=2) or any fine-tunin
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,27 +19,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `ray job submit 
 
 from medmae.config import field_docs, load_config  # noqa: E402
 from medmae.sweep import SweepConfig  # noqa: E402
+from medmae.training.cli import parser  # noqa: E402
 from medmae.training.logs import setup_logging  # noqa: E402
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> SweepConfig:
+    """The command line (flags and key=value overrides in any order) -> the sweep config, every trial's config
+    checked; a config error exits with one line, before Ray starts."""
     keys = ", ".join(field_docs(SweepConfig))
-    ap = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"sweep keys: {keys}; see medmae/sweep/config.py",
-    )
-    ap.add_argument("--config", help="sweep YAML (values that differ from SweepConfig's defaults)")
-    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. grid.seeds=[0,1]")
-    args = ap.parse_args()
+    ap = parser(__doc__, epilog=f"sweep keys: {keys}; see medmae/sweep/config.py")
+    args = ap.parse_args(argv)
     try:
         cfg = load_config(SweepConfig, args.config, args.overrides)
         from medmae.sweep.grid import trial_jobs
 
-        trial_jobs(cfg)  # config errors of any trial, as one line, before Ray starts
+        trial_jobs(cfg)
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    return cfg
+
+
+def main() -> None:
+    cfg = parse()
     setup_logging(rank=0)
     from medmae.sweep import run_sweep
 

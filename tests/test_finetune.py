@@ -90,8 +90,15 @@ def test_pretrained_encoder_initialises_every_encoder_weight(tmp_path, seg_shard
     assert got.keys() == expected.keys()
     for k, v in expected.items():
         torch.testing.assert_close(got[k].float(), v.float(), atol=1e-2, rtol=1e-2, msg=k)  # bf16 engine copy
-    # a checkpoint for another input channel count is refused, naming the mismatch
-    bad = _job(tmp_path, seg_shards, "run.name=bad", "model.in_chans=4", f"finetune.pretrained={path}")
+    # an encoder of another patch size is refused, naming the mismatch
+    bad = _job(
+        tmp_path,
+        seg_shards,
+        "run.name=bad",
+        "model.patch_size=4",
+        "model.skip_indices=[0]",
+        f"finetune.pretrained={path}",
+    )
     with pytest.raises(ValueError, match="patch_embed"):
         _trainer(bad)
 
@@ -113,11 +120,14 @@ def test_brats_region_mapping_on_a_hand_made_volume():
 
 
 def test_brats_regions_train_and_validate_per_region(tmp_path_factory):
+    """4-channel MRI from a 1-channel encoder (VoCo #2): the patch embedding is adapted, and the model file says how."""
     root = tmp_path_factory.mktemp("brats")
     datalist = write_phantom_dataset(
         root / "raw", n=3, shape=(32, 32, 32), num_classes=4, channels=4, seed=2, kind="mri"
     )
     convert(datalist, root / "wds", ConvertOptions(preset="mri", workers=0, val_fraction=0.34), progress=False)
+    mae = create_model("mae_vit_3d_debug")
+    encoder = save_encoder(mae.state_dict(), mae.cfg.encoder_dict(), root / "encoder.safetensors")
     cfg = _job(
         root,
         root / "wds",
@@ -125,11 +135,17 @@ def test_brats_regions_train_and_validate_per_region(tmp_path_factory):
         "finetune.labels=brats_regions",
         "model.in_chans=4",
         "train.max_steps=3",
+        f"finetune.pretrained={encoder}",
     )
     trainer = _trainer(cfg)
     trainer.train()
     best = json.loads((root / "runs" / "brats" / "results.json").read_text())["best"]
     assert set(best["dice"]) == {"WT", "TC", "ET"}
+    from medmae.tasks.model_file import read_finetuned_meta
+
+    record = read_finetuned_meta(root / "runs" / "brats" / "model.safetensors")["extra"]["encoder"]
+    assert record["pretrained"] == str(encoder) and record["plan"] is None
+    assert record["channels"] == {"from": 1, "to": 4, "rule": "the 1-channel weights repeated 4x, scaled by 1/4"}
 
 
 def test_classification_learns_and_reports_the_best_model_on_the_official_test_list(tmp_path):

@@ -255,8 +255,9 @@ def test_transfer_interpolates_learned_pos_embed_and_rejects_mismatches():
     assert report["interpolated"] and unetr.encoder.pos_embed.weight.shape == (1, 8 * 8 * 4, 48)
     with pytest.raises(ValueError, match="not exact"):
         load_encoder(create_model("unetr_vit_3d_debug"), mae.state_dict())  # learned table into a sin-cos model
-    with pytest.raises(ValueError, match="shape mismatch"):
-        load_encoder(create_model("unetr_vit_3d_debug", in_chans=4), create_model("mae_vit_3d_debug").state_dict())
+    patch4 = create_model("unetr_vit_3d_debug", patch_size=4, skip_indices=(0,))
+    with pytest.raises(ValueError, match="shape mismatch"):  # another patch size: no rule reconciles it
+        load_encoder(patch4, create_model("mae_vit_3d_debug").state_dict())
     partial = {k: v for k, v in create_model("mae_vit_3d_debug").state_dict().items() if "blocks.0." not in k}
     with pytest.raises(ValueError, match="missing"):
         load_encoder(create_model("unetr_vit_3d_debug"), partial)

@@ -44,6 +44,9 @@ class ViTConfig:
     """fixed sin-cos (MAE) or learned position embeddings"""
     cls_token: bool = True
     """prepend a learnable cls token"""
+    norm_eps: Annotated[float, Range(gt=0)] = 1e-6
+    """LayerNorm epsilon of the encoder: 1e-6 as in MAE and timm; weights imported from MONAI (PyTorch's default
+    1e-5) keep theirs, so the encoder computes exactly what MONAI's did"""
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -94,9 +97,10 @@ class VisionTransformer(nn.Module):
         self.cls_token = PrefixTokens(1, cfg.embed_dim) if cfg.cls_token else None
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # no tensor: meta-safe
         self.blocks = nn.ModuleList(
-            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, drop_path=dpr[i]) for i in range(cfg.depth)
+            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, drop_path=dpr[i], norm_eps=cfg.norm_eps)
+            for i in range(cfg.depth)
         )
-        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.grad_checkpointing = False  # a runtime switch (set_grad_checkpointing), not part of the architecture
         self.init_weights()
 

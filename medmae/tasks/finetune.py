@@ -1,5 +1,5 @@
-"""What every fine-tuning task shares: options with the pretrained encoder, building from it, the dataset's
-manifest and label names, and export of the fine-tuned model file."""
+"""What every fine-tuning task shares: options with the pretrained encoder, building from it (channel adaptation,
+the data-plan check), the dataset's manifest and label names, and export of the fine-tuned model file."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from torch import nn
 
 from medmae.config import to_dict
 from medmae.data import build_val_loader, read_manifest
-from medmae.models import load_encoder, read_encoder
+from medmae.models import load_encoder, open_encoder
 from medmae.tasks.base import Task
 from medmae.tasks.model_file import save_finetuned
+from medmae.tasks.plan import check_plan
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,9 @@ logger = logging.getLogger(__name__)
 class FinetuneOptions:
     pretrained: str = ""
     """encoder.safetensors exported by pretraining (a path or URL); empty trains from scratch"""
+    strict_plan: bool = False
+    """stop when the encoder's pretraining data differs from this dataset in spacing, orientation or intensity
+    preset (by default a warning naming both values)"""
 
 
 class FinetuneTask(Task):
@@ -36,6 +40,9 @@ class FinetuneTask(Task):
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         self._manifest: dict | None = None
+        self.encoder_record: dict[str, Any] = {}
+        """how the encoder was initialised (source, channel adaptation, plan differences): the model file's
+        ``extra["encoder"]``"""
 
     @property
     def manifest(self) -> dict:
@@ -52,14 +59,18 @@ class FinetuneTask(Task):
         model = super().build_model()
         path = self.opts.pretrained
         if path:
-            weights, source_cfg = read_encoder(path)
-            report = load_encoder(model, weights, source_cfg)
+            enc = open_encoder(path)
+            diffs = check_plan(
+                enc.plan, self.manifest, encoder=path, data=self.cfg.data.path, strict=self.opts.strict_plan
+            )
+            report = load_encoder(model, enc.weights, enc.config)
             logger.info(
                 "initialised the encoder from %s: %d tensors%s",
                 path,
                 report["loaded"],
                 f", {report['interpolated']}" if report["interpolated"] else "",
             )
+            self.encoder_record = {"pretrained": path, "plan": enc.plan, "plan_differences": diffs, **report}
         return model
 
     def val_loader(self, rank: int, world_size: int, split: str = "validation") -> Any:
@@ -89,5 +100,6 @@ class FinetuneTask(Task):
             num_classes=resolved.num_classes,
             label_names=self.label_names(resolved),
             roi_size=list(self.cfg.data.roi_size),
+            extra={"encoder": self.encoder_record} if self.encoder_record else None,
         )
         return [path]

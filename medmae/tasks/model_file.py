@@ -3,7 +3,9 @@
 Metadata keys (each a JSON string): ``medmae_finetuned`` (format version), ``model_name``, ``model_config`` (the
 model's full resolved config, so ``create_model(model_name, **model_config)`` rebuilds it), ``task``,
 ``num_classes``, ``label_names``, ``roi_size``, ``preprocessing`` (the dataset manifest's ``preprocessing``: what the
-converter did to the training images, which prediction repeats) and ``extra`` (free-form: metrics, step, source).
+converter did to the training images, which prediction repeats) and ``extra`` (free-form: metrics, step, source;
+fine-tuning from a pretrained encoder records ``extra["encoder"]``: its path, data plan, the plan's differences from
+this data, the channel adaptation and position-table interpolation applied).
 """
 
 from __future__ import annotations

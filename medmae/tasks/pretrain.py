@@ -1,5 +1,5 @@
 """MAE self pre-training: the model returns an ``MAEOutput`` (loss, the hidden patches' predictions, the shuffle);
-the encoder is exported for fine-tuning."""
+the encoder is exported for fine-tuning, with the data plan it was pretrained on (``medmae.tasks.plan``)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch import nn
 
 from medmae.models import MaskedAutoencoderViT, save_encoder
 from medmae.tasks.base import Task, register_task
+from medmae.tasks.plan import data_plan
 
 
 @register_task
@@ -39,7 +40,9 @@ class PretrainTask(Task):
     def export(
         self, state: dict[str, torch.Tensor], resolved: Any, directory: Path, filename: str | None = None
     ) -> list[Path]:
-        return [save_encoder(state, resolved.encoder_dict(), directory / (filename or "encoder.safetensors"))]
+        # The trainer exports once the run has reached train.max_steps (at the end, or when re-run after it).
+        plan = data_plan(self.cfg, resolved, steps=self.cfg.train.max_steps)
+        return [save_encoder(state, resolved.encoder_dict(), directory / (filename or "encoder.safetensors"), plan)]
 
 
 def reconstruction_panel(imgs: torch.Tensor, pred_imgs: torch.Tensor, mask_imgs: torch.Tensor) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Shared command-line handling of the launch scripts: ``--config FILE`` plus dotted ``key=value`` overrides."""
+"""Shared command-line handling of the launch scripts: ``--config FILE`` plus dotted ``key=value`` overrides, in any
+order with the flags (``--config F a=1 --pretrained E b=2``)."""
 
 from __future__ import annotations
 
@@ -28,9 +29,23 @@ def sections_help() -> str:
     return "\n".join(lines)
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        description=description, epilog=sections_help(), formatter_class=argparse.RawDescriptionHelpFormatter
+class OverrideParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose ``parse_args`` takes flags and positional ``key=value`` overrides intermixed.
+
+    Plain ``parse_args`` fills a ``nargs="*"`` positional from the first run of positionals only, so overrides after
+    another flag (``--config X a=1 --pretrained E b=2``) were "unrecognized arguments"; ``parse_intermixed_args``
+    collects them all."""
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        return self.parse_intermixed_args(args, namespace)
+
+
+def parser(description: str, epilog: str | None = None) -> OverrideParser:
+    """``--config`` and ``KEY=VALUE`` overrides; the epilog lists the job config's sections unless given."""
+    ap = OverrideParser(
+        description=description,
+        epilog=sections_help() if epilog is None else epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--config", help="YAML file with the values that differ from the defaults")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.base_lr=1e-4")

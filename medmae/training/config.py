@@ -33,6 +33,14 @@ class RunConfig:
     """checkpoints kept on disk"""
     val_every: Annotated[int, Range(ge=0)] = 0
     """steps between validations (0 = only at the end; fine-tuning)"""
+    probe_every: Annotated[int, Range(ge=0)] = 0
+    """steps between online linear probes of the frozen encoder on labelled crops, on rank 0 (pretraining; 0 = off):
+    probe/r2 in TensorBoard and metrics.jsonl, the best step in best_probe.json (see medmae/training/probe.py)"""
+    probe_data: str = ""
+    """labelled converted dataset the probe reads; empty = the training data's (data.path, or the first of
+    data.datasets with labels)"""
+    probe_crops: Annotated[int, Range(ge=8)] = 256
+    """crops the probe embeds each time, cut once from up to 64 labelled volumes; bounds its time and memory"""
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -114,6 +122,11 @@ class JobConfig:
             raise ValueError(
                 f"dist.zero_stage: 3 partitions parameters, so every rank must run the same forwards, but task "
                 f"'{self.task}' gives ranks different work (whole-volume validation); use stage 0, 1 or 2"
+            )
+        if self.run.probe_every and self.dist.zero_stage == 3:
+            raise ValueError(
+                "run.probe_every: the probe runs the encoder on rank 0 alone, which ZeRO-3's partitioned parameters "
+                "cannot; use dist.zero_stage 0, 1 or 2, or run.probe_every=0"
             )
         if "name" not in self.model:
             self.model = {"name": spec.default_model, **self.model}

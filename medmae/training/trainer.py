@@ -41,6 +41,7 @@ from medmae.training.logs import Board, Progress, memory_gib, peak_flops, setup_
 from medmae.training.metrics import StepMetrics
 from medmae.training.optim import build_optimizer, lr_at
 from medmae.training.preemption import Preempted, SigtermFlag
+from medmae.training.probe import Probe
 from medmae.training.rng import rank_seed, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class Trainer:
             )
             logger.info("run %s: %s", self.run_dir, self.derived.as_dict())
         self.resume()
+        self.probe = Probe.create(cfg, self.run_dir, self.rank, self.model_cfg, self.step)  # rank 0, when on
         if self.rank == 0:  # one line per (re)start: where an elastic run resized or restarted, at what batch split
             with open(self.run_dir / STARTS_FILE, "a") as f:
                 f.write(json.dumps({"step": self.step, "time": time.time(), **self.derived.as_dict()}) + "\n")
@@ -347,6 +349,8 @@ class Trainer:
                 logger.warning("step %d was a bad step: no checkpoint of its state", self.step)
             elif checkpoint_now:
                 self.save_checkpoint(metrics)
+            if self.probe is not None:
+                self.probe.after_step(self.step, self.engine, self.board)
         return metrics
 
 
