@@ -35,14 +35,23 @@ from medmae.training.counters import StepCounter  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def measure(step, args, count: bool) -> dict:
+def op_counts(step, count: bool) -> dict:
     step()  # compile, lazy state
-    row: dict = {"ops": None, "syncs": None}
-    if count:  # a dispatch mode cannot wrap compiled code: counted on the eager rows only
-        with StepCounter() as c:
-            step()
-        row = {"ops": c.total_ops, "syncs": c.sync_count}
-    return {"step_ms": round(timed(step, args.steps, 2, torch.device("cpu")) * 1e3, 2), **row}
+    if not count:  # a dispatch mode cannot wrap compiled code: counted on the eager rows only
+        return {"ops": None, "syncs": None}
+    with StepCounter() as c:
+        step()
+    return {"ops": c.total_ops, "syncs": c.sync_count}
+
+
+def interleaved_ms(steps: dict, n: int, rounds: int = 5) -> dict:
+    """Median step time of each function, timed in alternating blocks (a shared machine's load, caches and clock
+    drift hit both sides alike), the best round's median kept."""
+    best = {k: float("inf") for k in steps}
+    for _ in range(rounds):
+        for k, f in steps.items():
+            best[k] = min(best[k], timed(f, n, 1, torch.device("cpu")))
+    return {k: round(v * 1e3, 2) for k, v in best.items()}
 
 
 def bare(args, compiled: bool):
@@ -115,8 +124,12 @@ def main() -> None:
         convert(dl, root / "wds", ConvertOptions(preset="ct", workers=0), progress=False)
         for compiled in (False,) if args.no_compile else (False, True):
             kind = "compiled" if compiled else "eager"
-            rows[f"bare model, {kind}"] = measure(bare(args, compiled), args, not compiled)
-            rows[f"trainer, {kind}"] = measure(trainer(args, root / "wds", root / "runs", compiled), args, not compiled)
+            fns = {f"bare model, {kind}": bare(args, compiled)}
+            fns[f"trainer, {kind}"] = trainer(args, root / "wds", root / "runs", compiled)
+            for name, f in fns.items():
+                rows[name] = op_counts(f, not compiled)
+            for name, ms in interleaved_ms(fns, args.steps).items():
+                rows[name]["step_ms"] = ms
             rows[f"trainer, {kind}"]["over_bare"] = round(
                 rows[f"trainer, {kind}"]["step_ms"] / rows[f"bare model, {kind}"]["step_ms"], 3
             )
