@@ -17,6 +17,8 @@ Sections (each guarded: a failure is recorded and the next section runs):
   loader    crops/s of the resident crop path on the device vs the model's own consumption rate
   train     a short pretraining run of the real trainer (DeepSpeed ZeRO-2 bf16, one process) on generated shards
   compile   the model section's largest batch under torch.compile (bf16 weights): compile time and step time
+  predict   UNETR ViT-B/16 sliding-window prediction of a 256x256x160 volume (96³ windows, overlap 0.5, bf16,
+            sw-batch 16): volumes/s, and with test-time mirroring (--tta, 8 passes per window)
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from step_timing import model_kwargs, timed, train_flops, train_step, vit_b  # n
 from medmae.io import write_json_atomic  # noqa: E402
 from medmae.models import create_model  # noqa: E402
 
-SECTIONS = ("env", "sdpa", "model", "engine", "zero", "profile", "pinned", "loader", "train", "compile")
+SECTIONS = ("env", "sdpa", "model", "engine", "zero", "profile", "pinned", "loader", "train", "compile", "predict")
 
 
 # ---- sections ------------------------------------------------------------------------------------------------------
@@ -289,6 +291,39 @@ def section_compile(args, device):
     return {"batch": b, "eager_s": eager, "compiled_s": t, "speedup": eager / t, "compile_s": compile_s}
 
 
+def section_predict(args, device):
+    """What tools/predict.py does per volume once it is read and preprocessed (random weights and intensities)."""
+    import numpy as np
+
+    from medmae.data.convert import ConvertOptions
+    from medmae.inference import Predictor
+
+    name = "unetr_vit_3d_debug" if args.tiny else "unetr_vit_base_patch16_3d"
+    shape = (args.size + 8, args.size, args.size) if args.tiny else (256, 256, 160)  # tiny: 2 windows
+    model = create_model(name, num_classes=14, img_size=(args.size,) * 3)
+    meta = {
+        "task": "segment",
+        "preprocessing": {**ConvertOptions(preset="ct").preprocessing(), "spatial_dims": 3, "channels": 1},
+        "model_config": {"in_chans": 1},
+        "roi_size": [args.size] * 3,
+    }
+    predictor = Predictor(model, meta, sw_batch=2 if args.tiny else 16, device=str(device))
+    image = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
+    out: dict = {"model": name, "shape": list(shape), "roi": args.size}
+    for key, fn in (("one_pass", predictor.logits), ("tta", lambda x: predictor.probabilities(x, tta=True))):
+        if device.type == "cuda":
+            fn(image)  # warm-up: kernels, autotuning
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn(image)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        out[key] = {"s_per_volume": seconds, "volumes_per_s": 1 / seconds}
+    out["tta_cost"] = out["tta"]["s_per_volume"] / out["one_pass"]["s_per_volume"]
+    return out
+
+
 SECTION_FUNCS = {
     "env": section_env,
     "sdpa": section_sdpa,
@@ -300,6 +335,7 @@ SECTION_FUNCS = {
     "loader": section_loader,
     "train": section_train,
     "compile": section_compile,
+    "predict": section_predict,
 }
 assert tuple(SECTION_FUNCS) == SECTIONS
 

@@ -22,7 +22,7 @@ def test_gpu_check_runs_on_the_cpu_and_writes_its_json(tmp_path):
             "--out",
             str(tmp_path),
             "--sections",
-            "env,sdpa,model,engine,pinned",
+            "env,sdpa,model,engine,pinned,predict",
         ],
         cwd=REPO,
         env=env,
@@ -37,3 +37,4 @@ def test_gpu_check_runs_on_the_cpu_and_writes_its_json(tmp_path):
     [row] = result["model"]["rows"]
     assert row["ours_bf16_weights_s"] > 0 and row["flops_per_sample_G"] > 0
     assert result["engine"]["ours"]["step_s"] > 0 and result["engine"]["with_throughput_timer"]["step_s"] > 0
+    assert result["predict"]["one_pass"]["volumes_per_s"] > 0 and result["predict"]["tta_cost"] > 1

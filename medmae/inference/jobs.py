@@ -100,6 +100,7 @@ def _existing_names(output: str, storage_options: dict) -> set[str]:
     if not is_url(output):
         return {p.name for p in Path(output).iterdir()} if Path(output).is_dir() else set()
     fs, root = _fs(output, storage_options)
+    fs.invalidate_cache(root)  # s3fs keeps listings: this process may have listed it before the workers wrote
     try:
         return {posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)}
     except FileNotFoundError:
@@ -165,6 +166,8 @@ class ManyResult:
     written: list[str] = field(default_factory=list)
     skipped: int = 0
     """Outputs that already existed (an earlier run's)."""
+    volume_seconds: list[float] = field(default_factory=list)
+    """Seconds a worker spent on each volume it wrote (read, predict, write)."""
     errors: list[dict[str, str]] = field(default_factory=list)
     """``{"path": input, "error": message}`` per failed input, as in errors.jsonl."""
     seconds: float = 0.0
@@ -254,6 +257,7 @@ def predict_many(
             log.error("%s: %s", r.item.src, r.error)
         elif r.value["status"] == "written" or r.attempts > 1:  # "exists" on a retry: this run's first attempt
             result.written.append(r.item.out)
+            result.volume_seconds.append(r.value.get("seconds", r.seconds))
         else:
             result.skipped += 1
 
