@@ -216,6 +216,22 @@ def test_to_wds_plan_equals_the_flags(tmp_path, capsys):
     assert "not a medmae plan" in capsys.readouterr().err
 
 
+def test_radiographs_from_a_csv(tmp_path):
+    import itk
+
+    rows = ["image,effusion"]
+    for i in range(3):
+        img = (make_phantom((72, 60), 2, seed=i, kind="xray")[0][0] * 255).astype(np.uint8)
+        itk.imwrite(itk.image_from_array(np.ascontiguousarray(img.T)), str(tmp_path / f"x{i}.png"))
+        rows.append(f"x{i}.png,{i % 2}")
+    (tmp_path / "x.csv").write_text("\n".join(rows) + "\n")
+    plan = _plan(tmp_path, tmp_path / "x.csv", "--model", "vit_2d_cls_debug")
+    ch = plan["choices"]
+    assert plan["spatial_dims"] == 2 and plan["fingerprint"]["modality"]["value"] == "X-ray"
+    assert ch["preset"]["value"] == "xray" and ch["spacing"]["value"] is None is plan["convert"]["spacing"]
+    assert ch["roi_size"]["value"] == [72 // PATCH * PATCH, 60 // PATCH * PATCH]  # vit_2d_cls_debug: patch 8
+
+
 def test_sample_data(tmp_path):
     """The demo's ICBM152 T1 volumes (real anatomy): MRI by its intensities, 1 mm, the 96-voxel cap."""
     pytest.importorskip("nilearn")

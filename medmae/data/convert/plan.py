@@ -110,6 +110,8 @@ def _modality(fp: Fingerprint) -> tuple[str, dict[str, Any], str]:
         return chosen, evidence, "the datalist's modality / channel_names"
     if header:
         return header.most_common(1)[0][0], evidence, "the image headers (DICOM Modality, NIfTI descrip), majority"
+    if fp.spatial_dims == 2:
+        return "X-ray", evidence, "2D images without a header naming a modality: radiographs"
     top = intensity.most_common(1)[0][0]
     rule = (
         "no header names a modality: intensities, majority (air near -1000 HU in >= 1 % of the voxels: CT; "
