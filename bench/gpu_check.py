@@ -20,6 +20,8 @@ Sections (each guarded: a failure is recorded and the next section runs):
   mfu       issue 17's table (bench/gpu_mfu.py; `bench/gpu_check.sh mfu` runs it alone, <= 5 min on one H200):
             model eager vs compiled, the engine per ZeRO stage, the real trainer at micro-batch 128 and 256 with
             compile off and on; crops/s, MFU, kernels, syncs and GPU-busy fraction per row
+  predict   UNETR ViT-B/16 sliding-window prediction of a 256x256x160 volume (96³ windows, overlap 0.5, bf16,
+            sw-batch 16): volumes/s, and with test-time mirroring (--tta, 8 passes per window)
 """
 
 from __future__ import annotations
@@ -47,7 +49,20 @@ from step_timing import model_kwargs, timed, train_flops, train_step, vit_b  # n
 from medmae.io import write_json_atomic  # noqa: E402
 from medmae.models import create_model  # noqa: E402
 
-SECTIONS = ("env", "sdpa", "model", "engine", "zero", "profile", "pinned", "loader", "train", "compile", "mfu")
+SECTIONS = (
+    "env",
+    "sdpa",
+    "model",
+    "engine",
+    "zero",
+    "profile",
+    "pinned",
+    "loader",
+    "train",
+    "compile",
+    "mfu",
+    "predict",
+)
 
 
 # ---- sections ------------------------------------------------------------------------------------------------------
@@ -293,6 +308,39 @@ def section_compile(args, device):
     return {"batch": b, "eager_s": eager, "compiled_s": t, "speedup": eager / t, "compile_s": compile_s}
 
 
+def section_predict(args, device):
+    """What tools/predict.py does per volume once it is read and preprocessed (random weights and intensities)."""
+    import numpy as np
+
+    from medmae.data.convert import ConvertOptions
+    from medmae.inference import Predictor
+
+    name = "unetr_vit_3d_debug" if args.tiny else "unetr_vit_base_patch16_3d"
+    shape = (args.size + 8, args.size, args.size) if args.tiny else (256, 256, 160)  # tiny: 2 windows
+    model = create_model(name, num_classes=14, img_size=(args.size,) * 3)
+    meta = {
+        "task": "segment",
+        "preprocessing": {**ConvertOptions(preset="ct").preprocessing(), "spatial_dims": 3, "channels": 1},
+        "model_config": {"in_chans": 1},
+        "roi_size": [args.size] * 3,
+    }
+    predictor = Predictor(model, meta, sw_batch=2 if args.tiny else 16, device=str(device))
+    image = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
+    out: dict = {"model": name, "shape": list(shape), "roi": args.size}
+    for key, fn in (("one_pass", predictor.logits), ("tta", lambda x: predictor.probabilities(x, tta=True))):
+        if device.type == "cuda":
+            fn(image)  # warm-up: kernels, autotuning
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn(image)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        out[key] = {"s_per_volume": seconds, "volumes_per_s": 1 / seconds}
+    out["tta_cost"] = out["tta"]["s_per_volume"] / out["one_pass"]["s_per_volume"]
+    return out
+
+
 SECTION_FUNCS = {
     "env": section_env,
     "sdpa": section_sdpa,
@@ -305,6 +353,7 @@ SECTION_FUNCS = {
     "train": section_train,
     "compile": section_compile,
     "mfu": section_mfu,
+    "predict": section_predict,
 }
 assert tuple(SECTION_FUNCS) == SECTIONS
 

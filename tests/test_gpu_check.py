@@ -22,7 +22,7 @@ def test_gpu_check_runs_on_the_cpu_and_writes_its_json(tmp_path):
             "--out",
             str(tmp_path),
             "--sections",
-            "env,sdpa,model,engine,pinned,mfu",
+            "env,sdpa,model,engine,pinned,mfu,predict",
         ],
         cwd=REPO,
         env=env,
@@ -40,3 +40,4 @@ def test_gpu_check_runs_on_the_cpu_and_writes_its_json(tmp_path):
     rows = result["mfu"]["rows"]  # issue 17's table: without a GPU no compiled rows, no MFU; syncs counted
     assert set(rows) == {"model eager", "engine zero0", "engine zero1", "engine zero2", "trainer b2 eager"}
     assert all(r["step_s"] > 0 and r["syncs_per_step"] <= 1 for r in rows.values())
+    assert result["predict"]["one_pass"]["volumes_per_s"] > 0 and result["predict"]["tta_cost"] > 1

@@ -9,6 +9,8 @@ Re-running resumes.
 
 Examples:
     python tools/to_wds.py data/Task09_Spleen/dataset.json shards/spleen --format wds --preset ct --spacing 1.5 1.5 2
+    python tools/plan.py data/Task09_Spleen/dataset.json --output plan.json      # or choose them by rule
+    python tools/to_wds.py data/Task09_Spleen/dataset.json shards/spleen --plan plan.json
     python tools/to_wds.py Data_Entry_2017.csv s3://bucket/cxr14 --preset xray --image-col "Image Index" \
         --label-col "Finding Labels" --images-dir images --train-list train_val_list.txt --test-list test_list.txt \
         --group-col "Patient ID" --val-fraction 0.1
@@ -27,35 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 from medmae.data.convert import ConvertOptions, convert  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    d = ConvertOptions()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help="folder, datalist .json, or .csv of 2D images")
-    p.add_argument("output", help="output folder or URL such as s3://bucket/prefix (created; a re-run resumes)")
-    p.add_argument("--format", choices=["wds", "zarr"], default=d.format)
-    g = p.add_argument_group("preprocessing (recorded in the manifest)")
-    g.add_argument("--spatial-dims", type=int, choices=[2, 3], help="default: 2 for a CSV input, else 3")
-    g.add_argument(
-        "--preset",
-        choices=["ct", "mri", "xray", "none"],
-        default=d.preset,
-        help="ct: clip to --ct-window, scale to [0,1]; mri: per-channel z-score on non-zero voxels; "
-        "xray: scale to [0,1]",
-    )
-    g.add_argument("--ct-window", type=float, nargs=2, default=d.ct_window, metavar=("LOW", "HIGH"))
-    g.add_argument("--spacing", type=float, nargs="+", help="target spacing in mm (image linear, label nearest)")
-    g.add_argument("--no-reorient", action="store_true", help="keep the source orientation instead of RAS")
-    g.add_argument("--crop-foreground", action="store_true", help="crop to the foreground box")
-    g.add_argument("--fg-margin", type=int, default=d.fg_margin)
-    g.add_argument("--image-dtype", choices=["float16", "float32"], default=d.image_dtype)
-    g.add_argument("--channels", type=int, help="expected channels (default: from the first sample)")
-    g.add_argument(
-        "--min-size",
-        type=int,
-        default=d.min_size,
-        help="refuse samples (degenerate_shape) smaller than this along any axis after preprocessing",
-    )
+def add_input_arguments(p: argparse.ArgumentParser, d: ConvertOptions) -> None:
+    """How INPUT is read (shared with tools/plan.py, which must find the same samples)."""
     g = p.add_argument_group("inputs")
+    g.add_argument("--spatial-dims", type=int, choices=[2, 3], help="default: 2 for a CSV input, else 3")
     g.add_argument("--images-dir", help="folder input: images subfolder (default imagesTr if present)")
     g.add_argument("--labels-dir", help="folder input: labels subfolder (default labelsTr if present)")
     g.add_argument("--label-suffix", default=d.label_suffix, help="folder input: <key><suffix>.<ext> is a label")
@@ -67,6 +44,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--group-col", help="CSV: patient column; --val-fraction then holds out whole patients")
     g.add_argument("--train-list", help="CSV: file of image names that may be trained on (train_val_list.txt)")
     g.add_argument("--test-list", help="CSV: file of image names of the test split (test_list.txt)")
+
+
+def input_options(a: argparse.Namespace) -> dict:
+    """The ``ConvertOptions`` fields of ``add_input_arguments``."""
+
+    def csv_list(s: str) -> list[str]:
+        return [x.strip() for x in s.split(",") if x.strip()]
+
+    return dict(
+        spatial_dims=a.spatial_dims,
+        images_dir=a.images_dir,
+        labels_dir=a.labels_dir,
+        label_suffix=a.label_suffix,
+        channel_suffixes=csv_list(a.channel_suffixes),
+        image_col=a.image_col,
+        label_cols=csv_list(a.label_cols),
+        label_col=a.label_col,
+        label_sep=a.label_sep,
+        group_col=a.group_col,
+        train_list=a.train_list,
+        test_list=a.test_list,
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = ConvertOptions()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="folder, datalist .json, or .csv of 2D images")
+    p.add_argument("output", help="output folder or URL such as s3://bucket/prefix (created; a re-run resumes)")
+    p.add_argument("--format", choices=["wds", "zarr"], default=d.format)
+    g = p.add_argument_group("preprocessing (recorded in the manifest)")
+    g.add_argument(
+        "--plan",
+        help="plan.json written by tools/plan.py: sets --preset, --spacing, --ct-window and --crop-foreground "
+        "(give none of them with it) and is recorded in the manifest",
+    )
+    g.add_argument(
+        "--preset",
+        choices=["ct", "mri", "xray", "none"],
+        help=f"ct: clip to --ct-window, scale to [0,1]; mri: per-channel z-score on non-zero voxels; "
+        f"xray: scale to [0,1] (default {d.preset})",
+    )
+    g.add_argument(
+        "--ct-window", type=float, nargs=2, metavar=("LOW", "HIGH"), help=f"default {' '.join(map(str, d.ct_window))}"
+    )
+    g.add_argument("--spacing", type=float, nargs="+", help="target spacing in mm (image linear, label nearest)")
+    g.add_argument("--no-reorient", action="store_true", help="keep the source orientation instead of RAS")
+    g.add_argument("--crop-foreground", action="store_true", default=None, help="crop to the foreground box")
+    g.add_argument("--fg-margin", type=int, default=d.fg_margin)
+    g.add_argument("--image-dtype", choices=["float16", "float32"], default=d.image_dtype)
+    g.add_argument("--channels", type=int, help="expected channels (default: from the first sample)")
+    g.add_argument(
+        "--min-size",
+        type=int,
+        default=d.min_size,
+        help="refuse samples (degenerate_shape) smaller than this along any axis after preprocessing",
+    )
+    add_input_arguments(p, d)
     g = p.add_argument_group("output")
     g.add_argument(
         "--val-fraction",
@@ -93,18 +128,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def options_from_args(a: argparse.Namespace) -> ConvertOptions:
-    def csv_list(s: str) -> list[str]:
-        return [x.strip() for x in s.split(",") if x.strip()]
+def _planned(a: argparse.Namespace) -> tuple[dict, dict | None]:
+    """The preprocessing flags, from the command line or from ``--plan`` (never both), and the plan's record."""
+    given = {
+        "preset": a.preset,
+        "ct_window": tuple(a.ct_window) if a.ct_window else None,
+        "spacing": tuple(a.spacing) if a.spacing else None,
+        "crop_foreground": a.crop_foreground,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if not a.plan:
+        return given, None
+    from medmae.data.convert.plan import convert_options, read_plan
 
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ValueError(f"--plan {a.plan} sets the preprocessing: drop {flags} (or edit the plan's 'convert')")
+    plan = read_plan(a.plan)
+    record = {
+        "file": str(Path(a.plan).resolve()),
+        **{k: plan.get(k) for k in ("created", "convert", "choices", "train")},
+    }
+    return convert_options(plan), record
+
+
+def options_from_args(a: argparse.Namespace) -> ConvertOptions:
+    preprocessing, plan = _planned(a)
     return ConvertOptions(
         format=a.format,
-        spatial_dims=a.spatial_dims,
-        preset=a.preset,
-        ct_window=tuple(a.ct_window),
-        spacing=tuple(a.spacing) if a.spacing else None,
+        **preprocessing,
         reorient=not a.no_reorient,
-        crop_foreground=a.crop_foreground,
         fg_margin=a.fg_margin,
         image_dtype=a.image_dtype,
         channels=a.channels,
@@ -115,19 +168,10 @@ def options_from_args(a: argparse.Namespace) -> ConvertOptions:
         zarr_shard=a.zarr_shard,
         workers=a.workers,
         prefix=a.prefix,
-        images_dir=a.images_dir,
-        labels_dir=a.labels_dir,
-        label_suffix=a.label_suffix,
-        channel_suffixes=csv_list(a.channel_suffixes),
-        image_col=a.image_col,
-        label_cols=csv_list(a.label_cols),
-        label_col=a.label_col,
-        label_sep=a.label_sep,
-        group_col=a.group_col,
-        train_list=a.train_list,
-        test_list=a.test_list,
+        **input_options(a),
         min_size=a.min_size,
         storage_options=a.storage_options,
+        plan=plan,
     )
 
 

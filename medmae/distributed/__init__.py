@@ -6,6 +6,8 @@
 - ``engine``: :class:`Engine` / :func:`create_engine` around ``deepspeed.initialize``; checkpoints that resume on any
   worker count.
 - ``ray_launch``: :func:`run_ray` (Ray Train v2 ``TorchTrainer``) and the per-rank helpers used by a train function.
+- ``ray_map``: :func:`map_items`, a function over many items on Ray actors (one model per worker), retried when a
+  worker dies, with progress and throughput (prediction at scale).
 
 Names are re-exported lazily, so ``import medmae.distributed`` stays cheap until Ray or DeepSpeed is actually used.
 """
@@ -35,6 +37,8 @@ _LAZY = {
     "report": "ray_launch",
     "run_ray": "ray_launch",
     "world_info": "ray_launch",
+    "cluster_resources": "ray_map",
+    "map_items": "ray_map",
 }
 
 __all__ = [

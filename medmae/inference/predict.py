@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ class Predictor:
         overlap: float = 0.5,
         sw_batch: int | None = None,
         device: str = "auto",
+        tta: bool = False,
     ) -> None:
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap: must be in [0, 1), got {overlap}")
@@ -69,6 +71,9 @@ class Predictor:
         self.channels: int = meta["model_config"]["in_chans"]
         self.roi_size = tuple(meta["roi_size"])
         self.overlap, self.sw_batch = overlap, sw_batch
+        if tta and self.spec.writes_table:
+            raise ValueError(f"tta: test-time mirroring applies to segmentation models, not to a {self.task} model")
+        self.tta = tta
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, **kwargs: Any) -> Predictor:
@@ -94,12 +99,45 @@ class Predictor:
             )
         return out[0]
 
+    def _mirrored(self, windows: torch.Tensor, mirror: bool) -> torch.Tensor:
+        """Probabilities of a batch of windows ``(B, C, *S)``; with ``mirror``, the mean over every combination of
+        spatial-axis flips (8 in 3D, 4 in 2D), each flipped back, in probability space."""
+        axes = range(2, windows.ndim)
+        combos = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)] if mirror else [()]
+        total: torch.Tensor | None = None
+        for dims in combos:
+            out = self.model(windows.flip(dims) if dims else windows).float()
+            probs = self.spec.probabilities(self.task, out, dim=1)
+            probs = probs.flip(dims) if dims else probs
+            total = probs if total is None else total + probs
+        assert total is not None
+        return total / len(combos)
+
+    @torch.no_grad()
+    def probabilities(self, image: np.ndarray, tta: bool | None = None) -> torch.Tensor:
+        """Preprocessed ``(C, *S)`` image -> float32 ``(K, *S)`` probabilities (softmax classes or sigmoid regions),
+        Gaussian-blended over sliding windows; ``tta`` (default: the predictor's) mirrors every window over all
+        flips of its spatial axes and averages the probabilities: 2^dims forward passes per window."""
+        from monai.inferers import sliding_window_inference
+
+        mirror = self.tta if tta is None else tta
+        x = torch.from_numpy(np.ascontiguousarray(image))[None].to(self.device)
+        with self._autocast():
+            out = sliding_window_inference(
+                x, self.roi_size, self.sw_batch, lambda w: self._mirrored(w, mirror), overlap=self.overlap,
+                mode="gaussian",
+            )  # fmt: skip
+        return out[0]
+
     def predict_file(self, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         """An image file -> (uint8 label volume on the file's own grid, the file's RAS affine)."""
         if self.spec.writes_table:
             raise ValueError(f"a {self.task} model gives one score per label: use predict_probabilities")
         image, geometry, affine = load_and_preprocess(str(path), self.opts, self.channels)
-        labels = logits_to_labels(self.logits(image), self.task)
+        if self.tta:
+            labels = self.spec.labels_from_probabilities(self.task, self.probabilities(image))
+        else:  # one pass: blending logits, as the trainer's validation does
+            labels = logits_to_labels(self.logits(image), self.task)
         return restore_geometry(labels, geometry), affine
 
     @torch.no_grad()

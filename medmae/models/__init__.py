@@ -4,6 +4,7 @@ from medmae.models import zoo  # noqa: F401  (registers the flavours)
 from medmae.models.classifier import ClassifierConfig, ViTClassifier
 from medmae.models.flops import train_flops_per_sample
 from medmae.models.mae import MAEConfig, MaskedAutoencoderViT
+from medmae.models.memory import TrainMemory, train_memory
 from medmae.models.registry import create_model, get_entry, list_models, model_config, register_model
 from medmae.models.transfer import (
     EncoderFile,
@@ -36,5 +37,7 @@ __all__ = [
     "read_encoder",
     "register_model",
     "save_encoder",
+    "TrainMemory",
     "train_flops_per_sample",
+    "train_memory",
 ]

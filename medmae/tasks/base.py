@@ -140,6 +140,16 @@ class Task:
         """``(K, *S)`` logits -> the uint8 label volume prediction writes."""
         raise ValueError(f"task {kind!r} has no label volume")
 
+    @classmethod
+    def probabilities(cls, kind: str, logits: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Logits -> the probabilities test-time mirroring averages (``dim``: the class axis)."""
+        raise ValueError(f"task {kind!r} has no label volume to average probabilities for")
+
+    @classmethod
+    def labels_from_probabilities(cls, kind: str, probs: torch.Tensor) -> np.ndarray:
+        """``(K, *S)`` probabilities -> the uint8 label volume prediction writes."""
+        raise ValueError(f"task {kind!r} has no label volume")
+
 
 _TASKS: dict[str, type[Task]] = {}
 

@@ -141,3 +141,15 @@ class SegmentTask(FinetuneTask):
         if kind == "segment_regions":
             return regions_to_brats((logits > 0).cpu().numpy())
         return logits.argmax(dim=0).to(torch.uint8).cpu().numpy()
+
+    @classmethod
+    def probabilities(cls, kind: str, logits: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Softmax over the classes (``dim``) for ``segment``, sigmoid per region for ``segment_regions``."""
+        return torch.sigmoid(logits) if kind == "segment_regions" else torch.softmax(logits, dim=dim)
+
+    @classmethod
+    def labels_from_probabilities(cls, kind: str, probs: torch.Tensor) -> np.ndarray:
+        """``labels_from_logits`` on ``(K, *S)`` probabilities: argmax, or regions above 0.5."""
+        if kind == "segment_regions":
+            return regions_to_brats((probs > 0.5).cpu().numpy())
+        return probs.argmax(dim=0).to(torch.uint8).cpu().numpy()

@@ -16,7 +16,7 @@ import numpy as np
 
 from medmae.data.convert.options import SampleError
 
-__all__ = ["Series", "scan_folder", "describe", "series_keys", "is_mosaic_file", "read_mosaic"]
+__all__ = ["Series", "scan_folder", "describe", "series_keys", "is_mosaic_file", "modality", "read_mosaic"]
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -54,6 +54,15 @@ def is_mosaic_file(path: str) -> bool:
         return _is_mosaic(_header(path))
     except Exception:  # not a DICOM file: the ITK reader reports it
         return False
+
+
+def modality(path: str) -> str | None:
+    """The file's Modality tag (CT, MR, PT, CR, DX, ...), None when it has none or is not DICOM."""
+    try:
+        value = _header(path).get("Modality")
+    except Exception:  # not a DICOM file: no evidence either way
+        return None
+    return str(value).strip().upper() or None if value else None
 
 
 def scan_folder(folder: str | Path) -> list[Series]:

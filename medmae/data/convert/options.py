@@ -84,6 +84,9 @@ class ConvertOptions:
     refused as degenerate_shape; a size of 1 always is)."""
     storage_options: dict = field(default_factory=dict)
     """fsspec options for an OUTPUT URL (endpoint, credentials); default: the backend's environment variables."""
+    plan: dict | None = None
+    """The ``tools/plan.py`` plan these options came from (file, choices and their rules), recorded in the manifest;
+    it changes nothing by itself: its choices are already in the fields above."""
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -99,6 +102,8 @@ class ConvertOptions:
             )
         if any(c in self.prefix for c in "/. "):
             raise ValueError(f"prefix: must not contain '/', '.' or spaces, got {self.prefix!r}")
+        if self.plan is not None and not isinstance(self.plan, dict):
+            raise ValueError(f"plan: expected a mapping or None, got {type(self.plan).__name__}")
         if not isinstance(self.storage_options, dict):
             raise ValueError(f"storage_options: expected a mapping, got {self.storage_options!r}")
         if self.group_col is not None and not self.group_col.strip():

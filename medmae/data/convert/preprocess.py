@@ -23,7 +23,17 @@ from medmae.data.convert.options import ConvertOptions, SampleError
 from medmae.data.convert.readers import read_image
 from medmae.data.convert.sources import SampleSpec
 
-__all__ = ["Geometry", "Prepared", "check_image", "checksum", "prepare", "read_image", "transform"]
+__all__ = [
+    "Geometry",
+    "Prepared",
+    "check_image",
+    "checksum",
+    "foreground_box",
+    "prepare",
+    "read_image",
+    "read_sample",
+    "transform",
+]
 
 
 @dataclass
@@ -175,7 +185,7 @@ def _to_storage_dtype(image: np.ndarray, dtype: str) -> np.ndarray:
     return image.astype(dtype, order="K", copy=False)
 
 
-def _foreground_box(image: np.ndarray, margin: int, floor: float | None) -> tuple[slice, ...] | None:
+def foreground_box(image: np.ndarray, margin: int, floor: float | None) -> tuple[slice, ...] | None:
     """Box around the voxels above each channel's background level, on raw (not yet normalised) intensities.
 
     The background is the channel minimum, or ``floor`` when higher (the ct preset's window low: air inside the
@@ -244,7 +254,7 @@ def transform(
     resampled_shape, resampled_affine = tuple(image.shape[1:]), affine
     box = None
     if opts.crop_foreground:
-        box = _foreground_box(image, opts.fg_margin, opts.ct_window[0] if opts.preset == "ct" else None)
+        box = foreground_box(image, opts.fg_margin, opts.ct_window[0] if opts.preset == "ct" else None)
         if box is None:
             raise SampleError("empty", f"{where}: no voxel above the background level, nothing to crop to")
     # Normalised over the whole grid, then cropped: the presets' statistics do not depend on the crop.
@@ -267,10 +277,11 @@ def transform(
     return image, label, affine, geometry
 
 
-def prepare(
-    spec: SampleSpec, opts: ConvertOptions, spatial_dims: int, channels: int, num_labels: int | None = None
-) -> Prepared:
-    """Read, check and preprocess ``spec``; raise ``SampleError`` for bad input.
+def read_sample(
+    spec: SampleSpec, spatial_dims: int, channels: int, num_labels: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Read and check ``spec``'s channels and label -> (``(C, *S)`` image in the source dtype, its RAS affine,
+    ``(*S)`` label or None); ``SampleError`` for bad input. What the converter and the planner both read.
 
     ``num_labels``: the number of named label values (the datalist's ``labels``); a larger value is an error.
     """
@@ -283,8 +294,16 @@ def prepare(
             raise SampleError("channel_mismatch", f"{p}: channel geometry differs from {spec.images[0]}")
     image = np.concatenate([a for a, _ in parts]) if len(parts) > 1 else parts[0][0]  # source dtype until checked
     check_image(image, channels, spec.images[0])
-    original_shape, original_affine = list(image.shape[1:]), affine
     label = _read_label(spec, image.shape[1:], affine, spatial_dims, num_labels) if spec.label else None
+    return image, affine, label
+
+
+def prepare(
+    spec: SampleSpec, opts: ConvertOptions, spatial_dims: int, channels: int, num_labels: int | None = None
+) -> Prepared:
+    """Read, check and preprocess ``spec``; raise ``SampleError`` for bad input (see ``read_sample``)."""
+    image, affine, label = read_sample(spec, spatial_dims, channels, num_labels)
+    original_shape, original_affine = list(image.shape[1:]), affine
     image, label, affine, _ = transform(image, affine, opts, spatial_dims, label, spec.images[0])
     if min(image.shape[1:]) < opts.min_size:
         raise SampleError(

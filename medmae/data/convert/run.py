@@ -35,7 +35,7 @@ from medmae.data.convert.writers import (
     write_zarr_sample,
 )
 
-__all__ = ["ConvertResult", "convert"]
+__all__ = ["ConvertResult", "convert", "infer_channels"]
 log = logging.getLogger(__name__)
 # A remote run rewrites its manifest at most this often: what a killed run loses, against re-uploading a manifest
 # that grows with the dataset.
@@ -202,7 +202,8 @@ def _run_workers(todo: list[SampleSpec], initargs: tuple, workers: int, handle, 
             p.join()
 
 
-def _infer_channels(specs: list[SampleSpec], opts: ConvertOptions, spatial_dims: int) -> int:
+def infer_channels(specs: list[SampleSpec], opts: ConvertOptions, spatial_dims: int) -> int:
+    """``opts.channels``, else the channel suffixes' count, else the channels of the first readable sample."""
     if opts.channels is not None:
         return opts.channels
     if opts.channel_suffixes:
@@ -280,6 +281,7 @@ def _manifest(opts, settings, input_path, state: _State, label_names, complete: 
         "num_classes": len(label_names) if label_names else (label_max + 1 if label_max is not None else 0),
         "label_names": label_names,
         "preprocessing": settings,
+        **({"plan": opts.plan} if opts.plan is not None else {}),
         "min_size": opts.min_size,
         "split": split_settings(opts),
         "counts": {
@@ -307,7 +309,7 @@ def _convert(input_path, target: Output, opts: ConvertOptions, run_verify: bool,
     specs, label_names = discover(input_path, opts)
     is_csv = str(input_path).lower().endswith(".csv")
     spatial_dims = opts.spatial_dims or (2 if is_csv else 3)
-    channels = _infer_channels(specs, opts, spatial_dims)
+    channels = infer_channels(specs, opts, spatial_dims)
     settings = _settings(opts, spatial_dims, channels)
     _check_resume(target.read_manifest(), target, opts, settings)
     target.open()
