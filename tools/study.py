@@ -126,7 +126,7 @@ def run_pairs(jobs: list[Path], parallel: int, log_dir: Path, env: dict[str, str
             running.remove(item)
             log.close()
             lines = (log_dir / f"{job.parent.name}.log").read_text().splitlines()
-            shown = [line for line in lines[-40:] if re.match(rf"{job.parent.name} ", line)]
+            shown = [line for line in lines if re.match(rf"{job.parent.name} ", line)]
             for line in shown:
                 print("    " + line, flush=True)
             if proc.returncode:
