@@ -98,6 +98,25 @@ def test_cxr14_official_lists_and_patient_wise_validation(tmp_path):
     assert {item["key"] for item in build_val_loader(cfg)} == {k for k, s in split_of.items() if s == "validation"}
 
 
+def test_selection_split_keeps_patients_whole(tmp_path):
+    """The manifest records each image's patient (group_col), so a selection split carved from training for model
+    picking holds whole patients: none of them has an image left in training."""
+    from medmae.data.sources import selection_keys
+
+    src = tmp_path / "nih"
+    patient_of = write_nih(src, patients=8, test_patients=0)
+    out = tmp_path / "out"
+    assert convert(src / "Data_Entry_2017.csv", out, cxr_options(src, group_col="Patient ID"), progress=False).ok
+    manifest = read_manifest(out)
+    assert {s["key"]: s["group"] for s in manifest["samples"]} == {n[:-4]: str(p) for n, p in patient_of.items()}
+    cfg = DataConfig(path=str(out), spatial_dims=2, roi_size=(32, 32), crop="resized", select_count=3)
+    chosen = selection_keys(cfg, cfg.path, manifest)
+    held = {patient_of[f"{k}.png"] for k in chosen}
+    assert len(held) == 3  # three patients, with every one of their images
+    assert set(chosen) == {n[:-4] for n, p in patient_of.items() if p in held}
+    assert not held & {patient_of[f"{k}.png"] for k in train_keys(cfg, cfg.path, manifest)}
+
+
 def test_image_level_split_of_a_patient_csv_is_refused(tmp_path):
     src = tmp_path / "nih"
     write_nih(src)

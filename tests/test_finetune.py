@@ -79,6 +79,51 @@ def test_unetr_learns_an_easy_segmentation(tmp_path, seg_shards):
     assert [e.step for e in acc.Scalars("val/mean_dice")] == [100, 200]
 
 
+def test_selection_split_picks_the_checkpoint_and_the_validation_split_scores_it_once(tmp_path, seg_shards):
+    """With data.select_count the periodic validation scores training volumes carved out for it, picks the best
+    checkpoint there, and the validation volumes score that checkpoint's weights once, at the end."""
+    from medmae.data import build_val_loader
+    from medmae.data.sources import selection_keys
+    from medmae.tasks.metrics import evaluate_segmentation
+    from medmae.tasks.model_file import load_finetuned
+
+    cfg = _job(
+        tmp_path,
+        seg_shards,
+        "run.name=select",
+        "data.select_count=2",
+        "train.max_steps=12",
+        "run.val_every=4",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=2",
+        "optim.layer_decay=1.0",
+    )
+    trainer = _trainer(cfg)
+    chosen = selection_keys(cfg.data, cfg.data.path, read_manifest(seg_shards))
+    assert len(chosen) == 2 and not set(chosen) & set(trainer.data.sources[0].keys)  # never trained on
+    trainer.train()
+    results = json.loads((tmp_path / "runs" / "select" / "results.json").read_text())
+    history, best, reported = results["history"], results["best"], results["test"]
+    assert [h["step"] for h in history] == [4, 8, 12]
+    assert all(h["split"] == "selection" and h["volumes"] == 2 for h in history)
+    assert best["score"] == max(h["score"] for h in history)  # picked on the selection split
+    assert reported["split"] == "validation" and reported["step"] == best["step"] and reported["volumes"] == 2
+    # the reported number is the picked weights' score on the validation volumes (as the trainer ran them, in bf16)
+    model, _ = load_finetuned(tmp_path / "runs" / "select" / "best_model.safetensors")
+    again = evaluate_segmentation(
+        model.to(torch.bfloat16),
+        build_val_loader(cfg.data, split="validation"),
+        roi=tuple(cfg.data.roi_size),
+        num_classes=3,
+        regions=False,
+        device=torch.device("cpu"),
+        dtype=torch.bfloat16,
+        sw_batch=cfg.finetune.sw_batch,
+        overlap=cfg.finetune.sw_overlap,
+    )
+    assert again["score"] == pytest.approx(reported["score"], abs=1e-6)
+
+
 def test_pretrained_encoder_initialises_every_encoder_weight(tmp_path, seg_shards):
     torch.manual_seed(7)
     mae = create_model("mae_vit_3d_debug")

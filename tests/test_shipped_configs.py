@@ -9,8 +9,10 @@ import pytest
 from medmae.config import load_config
 from medmae.training.config import JobConfig, derive
 
-CONFIGS = sorted(
-    p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml") if not p.name.startswith("sweep_")
+CONFIGS = sorted(  # sweeps below; configs/study.yaml is the study's own config (tests/test_study.py)
+    p
+    for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
+    if not p.name.startswith("sweep_") and p.name != "study.yaml"
 )
 
 

@@ -99,32 +99,65 @@ def test_grid_names_and_trial_configs(tmp_path, assets):
         ("overrides.optim.lrr=1", "unknown config key 'optim.lrr'"),
         ("storage_path=s3://bucket/sweeps", "storage_path"),
         ("asha.reduction_factor=1", "reduction_factor"),
+        ("overrides.data.select_count=null", "selection: checkpoint .* set overrides.data.select_count"),
+        ("overrides.run.val_every=0", "selection: checkpoint needs run.val_every"),
+        (("asha.enabled=true", "selection=final"), "asha.enabled"),
+        (("selection=final", "overrides.data.select_count=null", "grid.lr=[1e-3,1e-2]"), "grid.lr: 2 learning rates"),
     ],
 )
 def test_bad_sweep_configs_name_the_key(tmp_path, assets, override, match):
     with pytest.raises(ValueError, match=match):
         from medmae.sweep.grid import trial_jobs
 
-        trial_jobs(_sweep_cfg(tmp_path, assets, override))
+        trial_jobs(_sweep_cfg(tmp_path, assets, *(override if isinstance(override, tuple) else (override,))))
 
 
-def test_report_aggregates_seeds_and_picks_the_best_lr(tmp_path, assets):
+def _entry(step: int, score: float, split: str) -> dict:
+    return {"step": step, "split": split, "score": score, "mean_dice": score, "dice": {"liver": score}, "hd95": {}}
+
+
+@pytest.mark.parametrize("selection", ["checkpoint", "final"])
+def test_report_picks_on_the_selection_split_and_reports_the_validation_split(tmp_path, assets, selection):
+    """The selection split favours lr 1e-3, the validation split lr 1e-2: the report must choose 1e-3 and show its
+    validation scores, of the checkpoint the selection split picked (step 4) or of the final model (step 8)."""
     cfg = _sweep_cfg(tmp_path, assets, "grid.seeds=[0, 1]", "grid.lr=[1e-3, 1e-2]", "grid.train_fraction=[0.5]")
     root = tmp_path / "report"
     for spec in expand_grid(cfg):
-        score = {"scratch": 0.5, "mae": 0.7}[spec.init] + 0.1 * spec.seed + (0.05 if spec.lr == 1e-2 else 0.0)
+        base = {"scratch": 0.5, "mae": 0.7}[spec.init] + 0.1 * spec.seed
+        sel = base + (0.05 if spec.lr == 1e-3 else 0.0)  # the selection split prefers lr 1e-3
+        val = base - 0.2 + (0.15 if spec.lr == 1e-2 else 0.0)  # the validation split would prefer lr 1e-2
+        history = [_entry(4, sel, "selection"), _entry(8, sel - 0.01, "selection")]
+        picked = history[0] if selection == "checkpoint" else history[1]
+        test = _entry(picked["step"], val if selection == "checkpoint" else val - 0.03, "validation")
         run = root / "trials" / spec.name
         run.mkdir(parents=True)
-        best = {"step": 8, "score": score, "mean_dice": score, "dice": {"liver": score}, "hd95": {"liver": 3.0}}
-        (run / "results.json").write_text(json.dumps({"task": "segment", "best": best, "history": [best]}))
+        results = {"task": "segment", "best": history[0], "history": history, "test": test}
+        (run / "results.json").write_text(json.dumps(results))
         (run / "trial.json").write_text(json.dumps({"status": "done", "wall_time_s": 1.5}))
-    paths = write_report(root, expand_grid(cfg), "unit")
+    paths = write_report(root, expand_grid(cfg), "unit", selection)
     rows = _rows(paths["csv"])
-    assert len(rows) == 8 and {r["status"] for r in rows} == {"done"} and rows[0]["dice/liver"]
+    assert len(rows) == 8 and {r["status"] for r in rows} == {"done"} and {r["split"] for r in rows} == {"validation"}
+    assert {r["step"] for r in rows} == {"4" if selection == "checkpoint" else "8"}
     summary = paths["summary"].read_text()
-    # mean over seeds 0 and 1 at the better lr (1e-2): scratch 0.55 + 0.05, mae 0.75 + 0.05; std of (x, x + 0.1)
-    assert "| 0.5 | 0.600 ± 0.071 (lr 1e-2) | 0.800 ± 0.071 (lr 1e-2) | +0.200 |" in summary
+    # lr 1e-3, validation scores over seeds 0 and 1: scratch 0.3 + 0.05, mae 0.5 + 0.05 (final: 0.03 lower)
+    shift = 0.0 if selection == "checkpoint" else 0.03
+    scratch, mae = 0.35 - shift, 0.55 - shift
+    assert f"| 0.5 | {scratch:.3f} ± 0.071 (lr 1e-3) | {mae:.3f} ± 0.071 (lr 1e-3) | +0.200 |" in summary, summary
+    assert "best mean selection-split score" in summary and f"(selection: {selection})" in summary
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_refuses_to_choose_an_lr_on_the_reported_volumes(tmp_path, assets):
+    from medmae.sweep.report import aggregate, collect_rows
+
+    cfg = _sweep_cfg(tmp_path, assets, "grid.seeds=[0]", "grid.lr=[1e-3, 1e-2]", "grid.train_fraction=[0.5]")
+    for spec in expand_grid(cfg):  # a single-run style trial: validated on the reported split, no selection split
+        run = tmp_path / "trials" / spec.name
+        run.mkdir(parents=True)
+        entry = _entry(8, 0.5, "validation")
+        (run / "results.json").write_text(json.dumps({"task": "segment", "best": entry, "history": [entry]}))
+    with pytest.raises(ValueError, match="lr would be chosen on the reported volumes"):
+        aggregate(collect_rows(tmp_path / "trials", expand_grid(cfg), "final"))
 
 
 def test_report_takes_the_metric_groups_a_task_declares(tmp_path, assets):
@@ -174,14 +207,14 @@ def _run(cfg: SweepConfig) -> dict[str, Path]:
 
 @pytest.mark.slow
 def test_debug_sweep_writes_the_report(ray_session, tmp_path, assets):
-    cfg = _sweep_cfg(tmp_path, assets, "overrides.run.val_every=0")  # validate once, at the end
+    cfg = _sweep_cfg(tmp_path, assets, "selection=final")  # validate once, at the end, on the selection split
     paths = _run(cfg)
     rows = _rows(paths["csv"])
     assert sorted(r["trial"] for r in rows) == sorted(s.name for s in expand_grid(cfg))
     assert len(rows) == 4 and {r["status"] for r in rows} == {"done"}
-    for r in rows:
-        assert r["best_step"] == "8" and r["metric"] == "Dice"
-        for key in ("score", "dice/class1", "dice/class2", "wall_time_s"):
+    for r in rows:  # the final model, on the validation volumes; the selection split scored it too (for the lr)
+        assert r["step"] == "8" and r["split"] == "validation" and r["metric"] == "Dice"
+        for key in ("score", "select_score", "dice/class1", "dice/class2", "wall_time_s"):
             assert math.isfinite(float(r[key])), (r["trial"], key)
     # the mae trials start from the encoder (seeded unlike any trial), so they differ from scratch
     by_name = {r["trial"]: r for r in rows}
@@ -190,6 +223,7 @@ def test_debug_sweep_writes_the_report(ray_session, tmp_path, assets):
     assert trial_cfg["data"]["train_fraction"] == 0.5 and trial_cfg["finetune"]["pretrained"] == str(assets["encoder"])
     summary = paths["summary"].read_text()
     assert "| train fraction | scratch Dice | mae Dice |" in summary and "| 0.5 |" in summary and "| 1 |" in summary
+    assert "its final model (no checkpoint picked), scored on the validation split" in summary
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["plot"].stat().st_size > 5000
 
 
@@ -202,7 +236,7 @@ def test_killed_worker_restarts_its_trial_from_the_checkpoint(ray_session, tmp_p
         "name=fault",
         "grid.init=[scratch]",
         "grid.train_fraction=[1.0]",
-        "overrides.run.val_every=0",
+        "selection=final",
         "resources.max_failures=1",
     )
     paths = _run(cfg)

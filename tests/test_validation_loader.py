@@ -80,3 +80,42 @@ def test_phantom_structures_are_visible(kind):
         assert image.min() == -1000 and image.max() > 250  # air and bone outside the CT window
     else:
         assert image.min() == 0 and (image > 0).mean() < 0.9  # exactly-zero background for non-zero z-score
+
+
+@pytest.mark.parametrize("where", ["ct", "ct_zarr"])
+def test_selection_split_is_carved_from_training_disjoint_and_deterministic(phantom_sets, where):
+    """data.select_count takes training volumes out of training and serves them as the 'selection' split: never
+    trained on, never the validation split, the same whatever labelled subset a trial draws."""
+    from medmae.data.sources import selection_keys, train_keys
+
+    path = str(phantom_sets[where])
+    manifest = read_manifest(path)
+    fmt = "zarr" if "zarr" in where else "wds"
+    train = {s["key"] for s in manifest["samples"] if s["split"] == "train"}
+    val = {s["key"] for s in manifest["samples"] if s["split"] == "validation"}
+
+    def cfg(**kw) -> DataConfig:
+        return DataConfig(path=path, format=fmt, num_workers=0, select_count=2, **kw)
+
+    chosen = selection_keys(cfg(), path, manifest)
+    assert len(chosen) == 2 and set(chosen) <= train
+    rest = train_keys(cfg(), path, manifest)
+    assert not set(rest) & set(chosen) and set(rest) | set(chosen) == train  # carved out of training, nothing lost
+    for subset_seed, count in ((0, 1), (3, 2), (7, None)):  # the labelled subset is drawn from what is left
+        c = cfg(subset_seed=subset_seed, train_count=count)
+        assert selection_keys(c, path, manifest) == chosen
+        assert set(train_keys(c, path, manifest)) <= set(rest)
+    assert {tuple(selection_keys(cfg(select_seed=s), path, manifest)) for s in range(6)} != {tuple(chosen)}
+    served = [b["key"] for b in build_val_loader(cfg(), split="selection")]
+    assert sorted(served) == chosen and not set(served) & val
+    assert sorted(b["key"] for b in build_val_loader(cfg())) == sorted(val)  # validation is untouched
+    fraction = DataConfig(path=path, format=fmt, num_workers=0, select_fraction=0.5)
+    assert len(selection_keys(fraction, path, manifest)) == round(0.5 * len(train))
+
+    with pytest.raises(ValueError, match="data.train_subset: .* is in the selection split"):
+        train_keys(cfg(train_subset=[chosen[0]]), path, manifest)
+    assert train_keys(cfg(train_subset=[rest[1]]), path, manifest) == [rest[1]]
+    with pytest.raises(ValueError, match="data.select_count: 6 volumes .* would leave none"):
+        selection_keys(DataConfig(path=path, format=fmt, select_count=len(train)), path, manifest)
+    with pytest.raises(ValueError, match="data.select_count"):
+        build_val_loader(DataConfig(path=path, format=fmt), split="selection")

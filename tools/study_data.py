@@ -1,11 +1,12 @@
 """Write the label-efficiency study's dataset: 24 "subjects" made from the real ICBM152 2009a template and its
 grey/white-matter maps (both ship inside nilearn, read offline), each under its own smooth random warp and contrast.
 
-    python tools/study_data.py data/study [--subjects 24] [--test 8] [--spacing 4]
+    python tools/study_data.py data/study [--evaluate held_out|tuning] [--spacing 4]
 
 Writes ``imagesTr/``, ``labelsTr/`` (0 rest incl. CSF; 1/2 left grey/white matter, 3/4 right) and an MSD-style
-``dataset.json``: the first ``subjects - test`` volumes are the training pool (``training``), the last ``test`` the
-held-out set (``validation``). Deterministic: subject i is drawn from seed i alone, so any subject can be rebuilt.
+datalist: the training pool, subjects 0-15 (``training``), and the subjects scored (``validation``): the held-out
+subjects 24-31 (``dataset.json``) or the tuning subjects 16-23 (``dataset_tuning.json``, for pilots); see
+docs/study/PROTOCOL.md. Deterministic: subject i is drawn from seed i alone, so any subject can be rebuilt.
 
 What is real and what is not: the intensities, the anatomy (an average of 152 adults) and the tissue maps are real;
 every difference between two subjects is synthetic — an affine (±10° per axis, ±10 % scale, ±4 mm shift), a smooth
@@ -128,15 +129,27 @@ def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write(out: Path, subjects: int = 24, test: int = 8, spacing: float = 4.0) -> Path:
-    """Write the dataset (skipping subjects already on disk); returns the path of ``dataset.json``."""
-    if not 1 <= test < subjects:
-        raise ValueError(f"test: must be in [1, subjects={subjects}), got {test}")
+# The study's subjects by role (docs/study/PROTOCOL.md): the pool is pre-trained on (images) and labels one pair
+# each; the tuning subjects scored every design choice; the held-out subjects score the confirmatory run only.
+POOL = range(0, 16)
+TUNING = range(16, 24)
+HELD_OUT = range(24, 32)
+DATASETS = {"held_out": ("dataset.json", HELD_OUT), "tuning": ("dataset_tuning.json", TUNING)}
+
+
+def write(out: Path, evaluate: str = "held_out", spacing: float = 4.0) -> Path:
+    """Write the pool subjects and the subjects of ``evaluate`` (``held_out``: 24-31, ``tuning``: 16-23), skipping
+    those already on disk, and their MSD-style datalist: the pool as ``training``, the others as ``validation``.
+    Only the subjects the datalist names are made, so a pilot on the tuning subjects never generates the held-out
+    ones. Returns the datalist's path (``dataset.json`` or ``dataset_tuning.json``)."""
+    if evaluate not in DATASETS:
+        raise ValueError(f"evaluate: must be one of {sorted(DATASETS)}, got {evaluate!r}")
+    filename, scored = DATASETS[evaluate]
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
     template = None
-    entries = []
-    for i in range(subjects):
+    entries = {}
+    for i in [*POOL, *scored]:
         name = f"subject_{i:02d}.nii.gz"
         img_path, lab_path = out / "imagesTr" / name, out / "labelsTr" / name
         if not (img_path.is_file() and lab_path.is_file()):
@@ -151,18 +164,18 @@ def write(out: Path, subjects: int = 24, test: int = 8, spacing: float = 4.0) ->
                 f" of the grid ({time.perf_counter() - t0:.1f} s)",
                 flush=True,
             )
-        entries.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        entries[i] = {"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"}
     datalist = {
         "name": "ICBM152 warped subjects",
         "description": "nilearn's ICBM152 2009a (symmetric) T1 and GM/WM maps under synthetic warps and contrasts; "
         "labels GM/WM from the warped maps (> 0.5, larger wins), split at the template's midline",
         "modality": {"0": "T1"},
         "labels": LABELS,
-        "numTraining": subjects - test,
-        "training": entries[: subjects - test],
-        "validation": entries[subjects - test :],
+        "numTraining": len(POOL),
+        "training": [entries[i] for i in POOL],
+        "validation": [entries[i] for i in scored],
     }
-    path = out / "dataset.json"  # written last, and atomically: tools/study.py takes it as "data stage done"
+    path = out / filename  # written last, and atomically: tools/study.py takes it as "data stage done"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(datalist, indent=2))
     os.replace(tmp, path)
@@ -172,8 +185,13 @@ def write(out: Path, subjects: int = 24, test: int = 8, spacing: float = 4.0) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("output", type=Path, help="folder to write (a re-run keeps the subjects already there)")
-    ap.add_argument("--subjects", type=int, default=24, help="subjects in all")
-    ap.add_argument("--test", type=int, default=8, help="the last TEST subjects are the held-out validation set")
+    ap.add_argument(
+        "--evaluate",
+        choices=sorted(DATASETS),
+        default="held_out",
+        help="which subjects the datalist validates on: held_out (24-31, dataset.json: the confirmatory run) or "
+        "tuning (16-23, dataset_tuning.json: pilots)",
+    )
     ap.add_argument(
         "--spacing",
         type=float,
@@ -181,11 +199,7 @@ def main() -> None:
         help="output grid spacing in mm (4: a 32-voxel crop spans 128 mm, most of a hemisphere pair)",
     )
     args = ap.parse_args()
-    try:
-        path = write(args.output, args.subjects, args.test, args.spacing)
-    except ValueError as e:
-        ap.error(str(e))
-    print(f"wrote {path}")
+    print(f"wrote {write(args.output, args.evaluate, args.spacing)}")
 
 
 if __name__ == "__main__":

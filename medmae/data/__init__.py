@@ -5,12 +5,13 @@ One training path: ``build_train_stream`` (``stream``: how a crop reaches the mo
 ``build_val_loader`` (``validation``). Both read through ``storage``, the one reader per storage format.
 """
 
-from medmae.data.config import DataConfig, DatasetSource
+from medmae.data.config import SELECTION_SPLIT, DataConfig, DatasetSource
 from medmae.data.convert.manifest import read_manifest
 from medmae.data.stream import TrainStream, build_train_stream
 from medmae.data.validation import build_val_loader
 
 __all__ = [
+    "SELECTION_SPLIT",
     "DataConfig",
     "DatasetSource",
     "TrainStream",

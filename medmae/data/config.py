@@ -10,7 +10,10 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from medmae.config import Range, broadcast_size, check_ranges
 
-__all__ = ["DataConfig", "DatasetSource"]
+__all__ = ["SELECTION_SPLIT", "DataConfig", "DatasetSource"]
+
+SELECTION_SPLIT = "selection"
+"""The split ``build_val_loader`` serves from the training volumes ``data.select_*`` carves out (never trained on)."""
 
 
 @dataclass
@@ -75,6 +78,18 @@ class DataConfig:
     """Exact number of training volumes used; overrides train_fraction."""
     subset_seed: int = 0
     """Seed choosing the training subset, independent of the training seed."""
+    train_subset: list[str] = field(default_factory=list)
+    """Explicit training volume keys used (a designed study: each labelled volume named, none drawn twice);
+    overrides train_fraction / train_count. Each must be a training key outside the selection split."""
+    select_count: Annotated[int | None, Range(ge=1)] = None
+    """Training volumes (patients, where the manifest records them) taken out of training and served as the
+    'selection' split, on which fine-tuning validates and picks its best checkpoint, so that the validation split
+    is scored only once, by the picked model (results.json -> test). Overrides select_fraction."""
+    select_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.0
+    """Fraction of the training volumes (patients) carved out as the selection split; 0 = none."""
+    select_seed: int = 0
+    """Seed choosing the selection split; independent of subset_seed, so every trial of a sweep selects on the
+    same volumes whatever its labelled subset."""
     flip_prob: Annotated[float, Range(ge=0, le=1)] = 0.1
     """Probability of a flip along each spatial axis."""
     rot90_prob: Annotated[float, Range(ge=0, le=1)] = 0.1
@@ -104,6 +119,15 @@ class DataConfig:
                 raise ValueError(f"datasets[{i}]: expected a mapping with path and weight, got {d!r}")
         if len({d.path for d in self.datasets}) != len(self.datasets):
             raise ValueError("datasets: the same path is listed twice")
+        if self.selects and self.datasets:
+            raise ValueError("select_count: the selection split comes from data.path; data.datasets is for pretraining")
+        if len(set(self.train_subset)) != len(self.train_subset):
+            raise ValueError(f"train_subset: lists a key twice: {self.train_subset}")
+
+    @property
+    def selects(self) -> bool:
+        """Whether a selection split is carved out of the training volumes."""
+        return self.select_count is not None or self.select_fraction > 0
 
     def check_manifest(self, path: str, manifest: dict[str, Any]) -> None:
         """``ValueError`` naming the key when the dataset at ``path`` is not what this config reads."""

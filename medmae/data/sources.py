@@ -25,7 +25,7 @@ from medmae.data.config import DataConfig, DatasetSource
 from medmae.data.convert.manifest import join_url, read_manifest
 from medmae.data.storage import npy_view, open_url, open_zarr, read_wds_sample, read_zarr_sample
 
-__all__ = ["Source", "SkipCounters", "resolve_sources", "train_keys", "VolumeSource", "pad_to_roi"]
+__all__ = ["Source", "SkipCounters", "resolve_sources", "selection_keys", "train_keys", "VolumeSource", "pad_to_roi"]
 log = logging.getLogger(__name__)
 
 # Fields every dataset of a run must share: what the model's input means. Spacing is checked separately.
@@ -81,12 +81,42 @@ class SkipCounters:
         return {"corrupt_shards": self._shards.value, "corrupt_samples": self._samples.value}
 
 
+def selection_keys(cfg: DataConfig, path: str, manifest: dict) -> list[str]:
+    """The training volumes carved out as the selection split (``select_count`` / ``select_fraction``), [] when
+    none. Patient-wise where the manifest records each sample's ``group`` (a CSV's patient column): a patient's
+    volumes are all selection or all training. Drawn with ``select_seed`` from the sorted groups, so the split
+    depends neither on manifest order nor on the labelled subset."""
+    if not cfg.selects:
+        return []
+    train = [s for s in manifest["samples"] if s["split"] == "train"]
+    group_of = {s["key"]: str(s.get("group") or s["key"]) for s in train}
+    units = sorted(set(group_of.values()))
+    n = cfg.select_count if cfg.select_count is not None else max(1, round(cfg.select_fraction * len(units)))
+    what = "patients" if any(s.get("group") for s in train) else "volumes"
+    if n >= len(units):
+        raise ValueError(
+            f"data.select_count: {n} {what} for the selection split would leave none of the {len(units)} training "
+            f"{what} of {path} to train on"
+        )
+    order = np.random.default_rng(cfg.select_seed).permutation(len(units))
+    chosen = {units[i] for i in order[:n]}
+    return sorted(k for k, g in group_of.items() if g in chosen)
+
+
 def train_keys(cfg: DataConfig, path: str, manifest: dict) -> list[str]:
-    """The training volumes of ``path`` used: all, or a ``subset_seed``-chosen subset of ``train_count`` /
-    ``train_fraction`` (the one rule for label-efficiency subsets)."""
-    keys = sorted(s["key"] for s in manifest["samples"] if s["split"] == "train")
+    """The training volumes of ``path`` used: all outside the selection split, or a subset of them: the keys
+    ``train_subset`` names, or a ``subset_seed``-chosen ``train_count`` / ``train_fraction`` (the one rule for
+    label-efficiency subsets)."""
+    held = set(selection_keys(cfg, path, manifest))
+    keys = sorted(s["key"] for s in manifest["samples"] if s["split"] == "train" and s["key"] not in held)
     if not keys:
         raise ValueError(f"data.path: {path} has no training samples")
+    if cfg.train_subset:
+        for k in cfg.train_subset:
+            if k not in keys:
+                where = "is in the selection split" if k in held else "is not a training sample"
+                raise ValueError(f"data.train_subset: {k!r} {where} of {path}")
+        return sorted(cfg.train_subset)
     n = cfg.train_count if cfg.train_count is not None else max(1, round(cfg.train_fraction * len(keys)))
     if n > len(keys):
         raise ValueError(f"data.train_count: {n} requested but {path} has {len(keys)} training volumes")

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from medmae.data.config import DataConfig
+from medmae.data.config import SELECTION_SPLIT, DataConfig
 from medmae.data.convert.manifest import join_url, read_manifest
+from medmae.data.sources import selection_keys
 from medmae.data.storage import decode_sample, open_url, open_zarr, read_wds_sample, read_zarr_sample
 
 __all__ = ["build_val_loader", "read_dataset_manifest"]
@@ -61,13 +62,22 @@ class ValDataset(Dataset):
 
 
 def build_val_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, split: str = "validation") -> DataLoader:
-    """Every volume of ``split`` (``validation``, or ``test`` when the dataset has an official test list) exactly once
-    across ranks (rank r takes volumes r, r + world_size, ...), whole, batch size 1:
-    ``{"image": (1, C, *S), "label": (1, 1, *S) int64 if present, "key": str, "meta": dict}``."""
+    """Every volume of ``split`` exactly once across ranks (rank r takes volumes r, r + world_size, ...), whole,
+    batch size 1: ``{"image": (1, C, *S), "label": (1, 1, *S) int64 if present, "key": str, "meta": dict}``.
+
+    ``split``: ``validation``, ``test`` (a dataset with an official test list), or ``selection``: the training
+    volumes ``data.select_count`` / ``select_fraction`` carve out (and training leaves alone)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank: must be in [0, world_size={world_size}), got {rank}")
     manifest = read_dataset_manifest(cfg)
-    val = sorted((s for s in manifest["samples"] if s["split"] == split), key=lambda s: s["key"])
+    if split == SELECTION_SPLIT:
+        if not cfg.selects:
+            raise ValueError("data.select_count: the selection split is empty (set select_count or select_fraction)")
+        chosen = set(selection_keys(cfg, cfg.path, manifest))
+        samples = [s for s in manifest["samples"] if s["split"] == "train" and s["key"] in chosen]
+    else:
+        samples = [s for s in manifest["samples"] if s["split"] == split]
+    val = sorted(samples, key=lambda s: s["key"])
     mine = val[rank::world_size]
     workers = min(cfg.num_workers, len(mine))
     return DataLoader(ValDataset(cfg, manifest, mine), batch_size=None, shuffle=False, num_workers=workers)

@@ -95,6 +95,12 @@ class SweepConfig:
     max_concurrent_trials: Annotated[int, Range(ge=-1)] = 0
     """0 = as many as the cluster's free CPUs/GPUs hold at start; -1 = no limit (extra trials wait for nodes)"""
     asha: AshaConfig = field(default_factory=AshaConfig)
+    selection: Literal["final", "checkpoint"] = "final"
+    """what a trial reports, never picked on the volumes it is scored on. final: its last model (the trials validate
+    only at the end: run.val_every is set to 0). checkpoint: the checkpoint with the best score on the selection
+    split (data.select_count / select_fraction: training volumes carved out, patient-wise where recorded), scored
+    once on the validation split. Either way the lr of each init x fraction is chosen by the mean selection-split
+    score, so a grid with several lrs needs a selection split"""
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -107,3 +113,25 @@ class SweepConfig:
             )
         if "mae" in self.grid.init and not self.pretrained:
             raise ValueError("pretrained: the grid has init 'mae', so an encoder.safetensors path is required")
+        if self.asha.enabled and self.selection != "checkpoint":
+            raise ValueError(
+                "asha.enabled: ASHA stops trials on intermediate validation scores; with selection: final the trials "
+                "validate only at the end (use selection: checkpoint and a data.select_count split)"
+            )
+
+    def check_trial(self, job: Any, name: str) -> None:
+        """``ValueError`` naming the key when a trial's config would let the sweep pick on what it reports."""
+        selects = job.data.selects
+        if self.selection == "checkpoint":
+            if not selects:
+                raise ValueError(
+                    f"trial {name}: selection: checkpoint picks each trial's checkpoint on a selection split carved "
+                    "from the training volumes; set overrides.data.select_count (or select_fraction)"
+                )
+            if not job.run.val_every:
+                raise ValueError(f"trial {name}: selection: checkpoint needs run.val_every > 0 (checkpoints to pick)")
+        if len(self.grid.lr) > 1 and not selects:
+            raise ValueError(
+                f"grid.lr: {len(self.grid.lr)} learning rates, but no selection split to choose among them (the "
+                "validation volumes are the reported ones); set overrides.data.select_count (or select_fraction)"
+            )

@@ -82,6 +82,8 @@ def trial_job(cfg: SweepConfig, spec: TrialSpec) -> JobConfig:
     }
     if cfg.grid.lr_key == "base_lr":
         trial["optim"]["lr"] = None  # an absolute lr in the fine-tuning config would silently win over base_lr
+    if cfg.selection == "final":
+        trial["run"]["val_every"] = 0  # one validation, of the final model: nothing to pick among
     data = apply_overrides(apply_overrides(base, cfg.overrides), trial)
     try:
         job = from_dict(JobConfig, data)
@@ -93,6 +95,7 @@ def trial_job(cfg: SweepConfig, spec: TrialSpec) -> JobConfig:
         raise ValueError(
             f"finetune_config: {path} has task '{job.task}'; a sweep fine-tunes on labels (segment, classify)"
         )
+    cfg.check_trial(job, spec.name)
     job.data.path = resolve_local(job.data.path)
     return job
 

@@ -1,8 +1,13 @@
 """The label-efficiency report, rebuilt from every trial's files: ``results.csv``, ``summary.md``, the figure.
 
-A trial's run directory (``<sweep>/trials/<name>/``) holds the trainer's ``results.json`` (validation history and
-best) and the sweep's ``trial.json`` (status, wall time). Nothing else is needed, so the report can be regenerated
-at any time, also for a sweep that is still running or was interrupted.
+A trial's run directory (``<sweep>/trials/<name>/``) holds the trainer's ``results.json`` (validation history, best,
+and the picked model's score on the report split, ``test``) and the sweep's ``trial.json`` (status, wall time).
+Nothing else is needed, so the report can be regenerated at any time, also for a sweep that is still running or was
+interrupted.
+
+What is reported is never what was picked on (``SweepConfig.selection``): a trial's score is its final model's, or
+its best selection-split checkpoint's, on the validation split; the lr of an init × fraction is the one with the best
+mean selection-split score. A trial's own results say which split each entry scored (``split``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from medmae.data.config import SELECTION_SPLIT
 from medmae.io import atomic_write_bytes
 from medmae.sweep.grid import TrialSpec, format_lr
 
@@ -41,28 +47,48 @@ def read_trial_status(run_dir: Path) -> dict[str, Any]:
     return _read_json(run_dir / TRIAL_FILE) or {"status": "pending"}
 
 
-def collect_rows(trials_dir: Path, specs: Iterable[TrialSpec]) -> list[dict[str, Any]]:
-    """One row per trial of the grid: parameters, status, best validation step and metric, per-class values."""
+def reported_entries(results: dict[str, Any], selection: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the reported entry, its selection-split entry or {}) of a trial's ``results.json``.
+
+    ``final``: the last validation (its report-split score when a selection split was carved). ``checkpoint``: the
+    best selection-split checkpoint scored on the report split (``test``); nothing before the trial ends."""
+    history = results.get("history") or []
+    best = results.get("best") or {}
+    if selection == "checkpoint":
+        picked = best if best.get("split") == SELECTION_SPLIT else {}
+        return (results.get("test") or {}) if picked else {}, picked
+    last = history[-1] if history else {}
+    if last.get("split") == SELECTION_SPLIT:
+        test = results.get("test") or {}
+        return (test if test.get("step") == last.get("step") else {}), last
+    return last, {}
+
+
+def collect_rows(trials_dir: Path, specs: Iterable[TrialSpec], selection: str = "final") -> list[dict[str, Any]]:
+    """One row per trial of the grid: parameters, status, the reported step, split, score and per-class values, and
+    the score on the selection split that chose the lr."""
     rows = []
     for spec in specs:
         run_dir = trials_dir / spec.name
         status = read_trial_status(run_dir)
         results = _read_json(run_dir / "results.json") or {}
-        best = results.get("best") or {}
+        reported, picked = reported_entries(results, selection)
         metric, groups = _metric_names(results)
         row: dict[str, Any] = {
             "trial": spec.name,
             **spec.params(),
             "status": status["status"],
-            "best_step": best.get("step"),
+            "step": reported.get("step"),
+            "split": reported.get("split", "validation" if reported else None),
             "metric": metric,
-            "score": best.get("score"),
+            "score": reported.get("score"),
+            "select_score": picked.get("score"),
             "wall_time_s": status.get("wall_time_s"),
         }
         # the task's per-class groups as <group>/<class> columns (the only columns with a '/'), then its other means
         for group in groups:
-            row.update({f"{group}/{k}": v for k, v in (best.get(group) or {}).items()})
-        row.update({k: v for k, v in best.items() if k.startswith("mean_")})
+            row.update({f"{group}/{k}": v for k, v in (reported.get(group) or {}).items()})
+        row.update({k: v for k, v in reported.items() if k.startswith("mean_")})
         rows.append(row)
     return rows
 
@@ -106,25 +132,62 @@ def _fmt(mean: float, std: float, n: int) -> str:
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[tuple[str, float], dict[str, Any]]:
-    """(init, fraction) -> the lr with the best mean score over seeds, with mean, std and n of every metric column.
+    """(init, fraction) -> the lr with the best mean selection-split score over seeds, with mean, std and n of every
+    reported metric column. An lr is chosen on the reported score only when it is the only one (nothing is chosen).
 
-    Only trials with a finite score count (done, or stopped early by ASHA with the best score it reached).
+    Only trials with a finite reported score count (done, or stopped early by ASHA: the checkpoint it had picked).
     """
     groups: dict[tuple[str, float, float], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         if _finite(row.get("score")):
             groups[(row["init"], row["train_fraction"], row["lr"])].append(row)
     best: dict[tuple[str, float], dict[str, Any]] = {}
+    lrs: dict[tuple[str, float], set[float]] = defaultdict(set)
+    for init, frac, lr in groups:
+        lrs[(init, frac)].add(lr)
     for (init, frac, lr), members in groups.items():
         cols = [k for k in members[0] if k == "score" or "/" in k]  # the score and the task's metric groups
         stats = {c: _stats([m[c] for m in members if _finite(m.get(c))]) for c in cols}
-        entry = {"lr": lr, "stats": stats, "seeds": sorted(m["seed"] for m in members)}
-        if (init, frac) not in best or stats["score"][0] > best[(init, frac)]["stats"]["score"][0]:
+        picks = [m.get("select_score") for m in members]
+        if all(_finite(p) for p in picks):
+            key, rule = float(np.mean(picks)), "selection"
+        elif len(lrs[(init, frac)]) == 1:
+            key, rule = 0.0, "only"
+        else:
+            raise ValueError(
+                f"{init} at fraction {frac:g}: {len(lrs[(init, frac)])} learning rates but trials without a "
+                "selection-split score; the lr would be chosen on the reported volumes"
+            )
+        entry = {"lr": lr, "stats": stats, "seeds": sorted(m["seed"] for m in members), "key": key, "rule": rule}
+        if (init, frac) not in best or key > best[(init, frac)]["key"]:
             best[(init, frac)] = entry
     return best
 
 
-def _summary_md(rows: list[dict[str, Any]], agg: dict[tuple[str, float], dict[str, Any]], title: str) -> str:
+def selection_rule(rows: list[dict[str, Any]], agg: dict[tuple[str, float], dict[str, Any]], selection: str) -> str:
+    """The sentence ``summary.md`` states: what each trial reports and how the lr was chosen."""
+    split = next((r["split"] for r in rows if r.get("split")), "validation")
+    if selection == "checkpoint":
+        what = (
+            "the checkpoint with the best score on the selection split (training volumes carved out by "
+            f"data.select_count / select_fraction), scored once on the {split} split"
+        )
+    else:
+        what = f"its final model (no checkpoint picked), scored on the {split} split"
+    rules = {e["rule"] for e in agg.values()}
+    lr = (
+        "the lr of each init × fraction is the one with the best mean selection-split score"
+        if rules == {"selection"}
+        else "each init × fraction has one lr (nothing chosen)"
+        if rules == {"only"}
+        else "the lr is chosen on the selection split where the grid has several, else the only one"
+    )
+    return f"Reported per trial: {what}; {lr}. Nothing reported was used to choose anything (selection: {selection})."
+
+
+def _summary_md(
+    rows: list[dict[str, Any]], agg: dict[tuple[str, float], dict[str, Any]], title: str, selection: str
+) -> str:
     metric = next((r["metric"] for r in rows if r["metric"]), "score")
     inits = [i for i in ("scratch", "mae") if any(k[0] == i for k in agg)]
     fractions = sorted({k[1] for k in agg})
@@ -135,8 +198,9 @@ def _summary_md(rows: list[dict[str, Any]], agg: dict[tuple[str, float], dict[st
         f"# {title}: label efficiency",
         "",
         f"Trials: {len(rows)} ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}). "
-        f"Best validation mean {metric} per trial; mean ± std over seeds; for each init × fraction the lr with "
-        "the best mean is shown.",
+        f"Mean {metric}, mean ± std over seeds.",
+        "",
+        selection_rule(rows, agg, selection),
         "",
     ]
     header = ["train fraction"] + [f"{i} {metric}" for i in inits] + (["Δ mae − scratch"] if len(inits) == 2 else [])
@@ -202,15 +266,17 @@ def _plot(agg: dict[tuple[str, float], dict[str, Any]], metric: str, title: str)
     return buf.getvalue()
 
 
-def write_report(root: Path, specs: Iterable[TrialSpec], title: str) -> dict[str, Path]:
-    """Regenerate ``results.csv``, ``summary.md`` and ``label_efficiency.png`` in ``root`` (each written atomically)."""
+def write_report(root: Path, specs: Iterable[TrialSpec], title: str, selection: str = "final") -> dict[str, Path]:
+    """Regenerate ``results.csv``, ``summary.md`` and ``label_efficiency.png`` in ``root`` (each written atomically).
+
+    ``selection``: the sweep's ``SweepConfig.selection`` (what each trial reports)."""
     root.mkdir(parents=True, exist_ok=True)
-    rows = collect_rows(root / "trials", specs)
+    rows = collect_rows(root / "trials", specs, selection)
     agg = aggregate(rows)
     metric = next((r["metric"] for r in rows if r["metric"]), "score")
     paths = {"csv": root / "results.csv", "summary": root / "summary.md", "plot": root / "label_efficiency.png"}
     atomic_write_bytes(paths["csv"], _results_csv(rows).encode())
-    atomic_write_bytes(paths["summary"], _summary_md(rows, agg, title).encode())
+    atomic_write_bytes(paths["summary"], _summary_md(rows, agg, title, selection).encode())
     atomic_write_bytes(paths["plot"], _plot(agg, metric, title))
     logger.info("report: %s", ", ".join(str(p) for p in paths.values()))
     return paths

@@ -142,14 +142,14 @@ class EarlyStopping(ASHAScheduler):
 class ReportOnTrialEnd(Callback):
     """Regenerates the report whenever a trial ends, so it is current while the sweep runs."""
 
-    def __init__(self, root: Path, specs: list, title: str) -> None:
-        self.root, self.specs, self.title = root, specs, title
+    def __init__(self, root: Path, specs: list, title: str, selection: str) -> None:
+        self.root, self.specs, self.title, self.selection = root, specs, title, selection
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:  # noqa: ANN001 - Tune's signature
-        write_report(self.root, self.specs, self.title)
+        write_report(self.root, self.specs, self.title, self.selection)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:  # noqa: ANN001 - Tune's signature
-        write_report(self.root, self.specs, self.title)
+        write_report(self.root, self.specs, self.title, self.selection)
 
 
 def run_sweep(cfg: SweepConfig, ray_init_kwargs: dict[str, Any] | None = None) -> dict[str, Path]:
@@ -189,7 +189,10 @@ def run_sweep(cfg: SweepConfig, ray_init_kwargs: dict[str, Any] | None = None) -
                 trial_dirname_creator=_trial_name,
             ),
             run_config=tune.RunConfig(
-                name="tune", storage_path=str(root), verbose=1, callbacks=[ReportOnTrialEnd(root, specs, cfg.name)]
+                name="tune",
+                storage_path=str(root),
+                verbose=1,
+                callbacks=[ReportOnTrialEnd(root, specs, cfg.name, cfg.selection)],
             ),
         )
         grid = tuner.fit()
@@ -202,4 +205,4 @@ def run_sweep(cfg: SweepConfig, ray_init_kwargs: dict[str, Any] | None = None) -
         errors = sum(r.error is not None for r in grid)
         if errors:
             logger.warning("%d trial(s) failed; re-running the sweep retries them (see %s)", errors, trials_dir)
-    return write_report(root, specs, cfg.name)
+    return write_report(root, specs, cfg.name, cfg.selection)

@@ -121,8 +121,17 @@ class Task:
         return None
 
     def has_split(self, split: str) -> bool:
-        """Whether the dataset holds samples of ``split`` (the trainer scores the best model on ``test`` at the end)."""
+        """Whether the dataset holds samples of ``split``."""
         return False
+
+    def selection_split(self) -> str:
+        """The split the periodic validation scores, whose best score picks the best model."""
+        return "validation"
+
+    def report_split(self) -> str | None:
+        """The split the picked model is scored on once, at the end (``results.json`` -> ``test``), or None: a
+        split never used to choose anything."""
+        return None
 
     def export(
         self, state: dict[str, torch.Tensor], resolved: Any, directory: Path, filename: str | None = None

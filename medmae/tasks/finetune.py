@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from medmae.config import to_dict
-from medmae.data import build_val_loader, read_manifest
+from medmae.data import SELECTION_SPLIT, build_val_loader, read_manifest
 from medmae.models import load_encoder, open_encoder
 from medmae.tasks.base import Task
 from medmae.tasks.model_file import save_finetuned
@@ -78,6 +78,18 @@ class FinetuneTask(Task):
 
     def has_split(self, split: str) -> bool:
         return any(s["split"] == split for s in self.manifest["samples"])
+
+    def selection_split(self) -> str:
+        """``selection`` (volumes carved from training, ``data.select_*``) when set, else ``validation``: the
+        paper's single-run protocol, which picks and reports on the same volumes."""
+        return SELECTION_SPLIT if self.cfg.data.selects else "validation"
+
+    def report_split(self) -> str | None:
+        """``test`` where the dataset has one (ChestX-ray14's official list); else ``validation`` when the model is
+        picked on the selection split; else None (picked on validation: nothing is left to report on)."""
+        if self.has_split("test"):
+            return "test"
+        return "validation" if self.cfg.data.selects else None
 
     def label_names(self, resolved: Any) -> list[str]:
         """Names of the model's output channels, from the dataset manifest when it has them."""

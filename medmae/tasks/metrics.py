@@ -36,31 +36,55 @@ def segment_volume(
     return sliding_window_inference(image, roi, sw_batch, predict, overlap=overlap, mode="gaussian")
 
 
-def _per_class_scores(
-    pred: torch.Tensor, target: torch.Tensor, spacing: list[float]
-) -> list[tuple[float, float] | None]:
-    """Binary ``(K, *S)`` masks of one volume -> per class ``(dice, hd95_mm)``, or None where the class is absent.
+EMPTY_RULES = ("reference", "brats")
+BRATS_HD95_MISS = 373.13
+"""mm: the diagonal of the BraTS challenge grid (240 × 240 × 155 at 1 mm), the HD95 its tables give a miss"""
 
-    Empty cases, as the segmentation benchmarks score them: ground truth and prediction both empty -> absent (not a
-    0, not a 1: it says nothing about the model); a miss (ground truth only) or a false positive (prediction only)
-    -> Dice 0 and HD95 the volume's diagonal in mm, the largest distance the grid can hold, so neither is dropped.
+
+def miss_distance(hd95_miss: float | str, dims: tuple[int, ...], spacing: list[float]) -> float:
+    """The HD95 (mm) a miss or a false positive costs: a fixed value, or ``"diagonal"`` of the evaluated grid."""
+    if hd95_miss == "diagonal":
+        return float(np.sqrt(sum((n * s) ** 2 for n, s in zip(dims, spacing))))
+    return float(hd95_miss)
+
+
+def _per_class_scores(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    spacing: list[float],
+    *,
+    rule: str = "reference",
+    hd95_miss: float | str = BRATS_HD95_MISS,
+) -> list[tuple[float, float] | None]:
+    """Binary ``(K, *S)`` masks of one volume -> per class ``(dice, hd95_mm)``, or None where the rule skips it.
+
+    Both rules agree when the ground truth holds the class: a miss (empty prediction) scores Dice 0 and the miss
+    HD95. They differ where the ground truth lacks it:
+
+    - ``reference`` (SelfMedMAE's MONAI ``compute_meandice``, which gives NaN there and averages the rest): the
+      class is skipped for this volume, whatever was predicted, so a false positive there costs nothing;
+    - ``brats`` (the BraTS challenge): an empty prediction is right (Dice 1, HD95 0), a false positive is a miss
+      (Dice 0, the miss HD95).
+
+    ``hd95_miss``: the miss HD95 in mm (BraTS 373.13), or ``"diagonal"`` of this volume's evaluated grid (then it
+    differs per volume, and with the foreground crop).
     """
     from monai.metrics import compute_hausdorff_distance
 
-    dims = pred.shape[1:]
-    diagonal = float(np.sqrt(sum((n * s) ** 2 for n, s in zip(dims, spacing))))
+    if rule not in EMPTY_RULES:
+        raise ValueError(f"empty_rule: {rule!r} is not one of {list(EMPTY_RULES)}")
+    miss = miss_distance(hd95_miss, tuple(pred.shape[1:]), spacing)
     out: list[tuple[float, float] | None] = []
     both = []
     for c in range(pred.shape[0]):
         p, t = pred[c].bool(), target[c].bool()
         p_any, t_any = bool(p.any()), bool(t.any())
-        if not p_any and not t_any:
-            out.append(None)
+        if not t_any:
+            out.append(None if rule == "reference" else (0.0, miss) if p_any else (1.0, 0.0))
             continue
         inter = (p & t).sum().item()
-        dice = 2.0 * inter / (p.sum().item() + t.sum().item())
-        out.append((dice, diagonal))
-        if p_any and t_any:
+        out.append((2.0 * inter / (p.sum().item() + t.sum().item()), miss))
+        if p_any:
             both.append(c)
     if both:
         hd = compute_hausdorff_distance(
@@ -90,20 +114,22 @@ def evaluate_segmentation(
     overlap: float = 0.5,
     class_names: list[str] | None = None,
     score_classes: list[int] | None = None,
+    empty_rule: str = "reference",
+    hd95_miss: float | str = BRATS_HD95_MISS,
 ) -> dict[str, Any]:
     """Per-class Dice and HD95 (mm) over whole validation volumes, their means, and the validation score.
 
     ``regions``: sigmoid outputs vs BraTS WT/TC/ET targets; otherwise softmax classes, background excluded (class i
     of the results is label i + 1). ``score_classes`` (indices into the results' classes) chooses the classes whose
-    mean Dice is the score that selects the best model; None = all. A class is averaged over the volumes where it is
-    defined (see :func:`_per_class_scores`); one absent from every volume is reported as None and counted in
-    ``absent``, never as 0.
+    mean Dice is the score that selects the best model; None = all. A class is averaged over the volumes the
+    ``empty_rule`` scores it on (see :func:`_per_class_scores`); ``absent`` counts, per class, the volumes whose
+    ground truth lacks it. Under ``reference`` a class absent from every volume is reported as None, never as 0.
     """
     from medmae.data.labels import BRATS_REGIONS, brats_regions
 
     n = 3 if regions else num_classes - 1
     names = list(BRATS_REGIONS) if regions else (class_names or [f"class{i}" for i in range(1, num_classes)])
-    # rows: Dice sum, volumes with Dice, HD95 sum, volumes with HD95, volumes where the class is absent
+    # rows: Dice sum, volumes scored, HD95 sum, volumes scored, volumes whose ground truth lacks the class
     acc = torch.zeros(5, n, dtype=torch.float64)
     volumes = torch.zeros(1, dtype=torch.float64)
     was_training = model.training
@@ -122,11 +148,12 @@ def evaluate_segmentation(
             k = logits.shape[1]
             pred = torch.nn.functional.one_hot(logits[0].argmax(0), k).movedim(-1, 0)[1:]
             target = torch.nn.functional.one_hot(label[0, 0].long(), k).movedim(-1, 0)[1:]
-        for c, scores in enumerate(_per_class_scores(pred.cpu(), target.cpu(), spacing)):
-            if scores is None:
-                acc[4, c] += 1
-            else:
-                acc[:4, c] += torch.tensor([scores[0], 1.0, scores[1], 1.0], dtype=torch.float64)
+        pred, target = pred.cpu(), target.cpu()
+        scores = _per_class_scores(pred, target, spacing, rule=empty_rule, hd95_miss=hd95_miss)
+        for c, sc in enumerate(scores):
+            acc[4, c] += not bool(target[c].any())
+            if sc is not None:
+                acc[:4, c] += torch.tensor([sc[0], 1.0, sc[1], 1.0], dtype=torch.float64)
         volumes += 1
     model.train(was_training)
     acc = all_reduce_sum(acc.to(device)).cpu()
@@ -148,6 +175,7 @@ def evaluate_segmentation(
         "hd95": dict(zip(names, hd95)),
         "absent": {names[c]: int(acc[4, c]) for c in range(n) if acc[4, c]},
         "volumes": volumes,
+        "scoring": {"empty_rule": empty_rule, "hd95_miss": hd95_miss},
     }
     if score_classes is not None:
         out["score_classes"] = [names[c] for c in chosen]

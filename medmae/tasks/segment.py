@@ -14,7 +14,7 @@ from medmae.data.labels import BRATS_REGIONS, brats_regions, regions_to_brats
 from medmae.models import UNETR
 from medmae.tasks.base import EvalContext, register_task
 from medmae.tasks.finetune import FinetuneOptions, FinetuneTask
-from medmae.tasks.metrics import evaluate_segmentation
+from medmae.tasks.metrics import BRATS_HD95_MISS, evaluate_segmentation
 
 
 class RegionLoss(nn.Module):
@@ -50,10 +50,21 @@ class SegmentOptions(FinetuneOptions):
     region_loss: Literal["dice_bce", "dice"] = "dice_bce"
     """BraTS regions: per-region soft Dice plus per-region BCE on the logits, or Dice alone (the reference code).
     Dice alone gives no gradient on a crop where a region is absent, so false positives there cost nothing"""
+    empty_rule: Literal["reference", "brats"] = "reference"
+    """scoring of a class the ground truth of a volume lacks: reference = skipped for that volume, so a false
+    positive there costs nothing (SelfMedMAE, MONAI's NaN-skip); brats = an empty prediction scores Dice 1 and
+    HD95 0, a false positive Dice 0 and HD95 hd95_miss (the BraTS challenge). A miss of a present class scores
+    Dice 0 and HD95 hd95_miss under both"""
+    hd95_miss: Literal["diagonal"] | float = BRATS_HD95_MISS
+    """HD95 in mm of a miss or a false positive: a fixed value (default 373.13, the BraTS challenge's: the diagonal
+    of its 240 x 240 x 155 1 mm grid, so mean HD95 compares with challenge tables and between volumes), or diagonal
+    = the diagonal of each evaluated (foreground-cropped, resampled) grid, which differs per volume"""
 
     def __post_init__(self) -> None:
         self.score_classes = tuple(self.score_classes)
         check_ranges(self)
+        if not isinstance(self.hd95_miss, str) and not self.hd95_miss > 0:
+            raise ValueError(f"hd95_miss: must be 'diagonal' or a distance > 0 in mm, got {self.hd95_miss!r}")
         if any(isinstance(c, int) and c < 1 for c in self.score_classes):
             raise ValueError(f"score_classes: label values start at 1 (0 is background), got {self.score_classes}")
 
@@ -109,6 +120,8 @@ class SegmentTask(FinetuneTask):
             overlap=self.opts.sw_overlap,
             class_names=None if self.regions else evaluated,
             score_classes=self.score_indices(evaluated),
+            empty_rule=self.opts.empty_rule,
+            hd95_miss=self.opts.hd95_miss,
         )
 
     def score_indices(self, evaluated: list[str]) -> list[int] | None:

@@ -176,19 +176,21 @@ class Trainer:
         )
 
     def validate(self) -> dict[str, Any] | None:
-        """Whole-volume validation on every rank's share; logs, updates results.json and the best model."""
+        """Whole-volume validation of the task's selection split on every rank's share; logs, updates results.json
+        and the best model."""
+        split = self.task.selection_split()
         with self.engine.autocast_context():
-            res = self.task.validate(self.eval_context())
+            res = self.task.validate(self.eval_context(), split=split)
         if res is None:
             return None
-        res = {"step": self.step, **res}
+        res = {"step": self.step, "split": split, **res}
         flat = {k: v for k, v in res.items() if isinstance(v, float)}
         for group in self.task.metric_groups:
             flat.update({f"{group}/{k}": v for k, v in res.get(group, {}).items()})
         self.board.scalars(flat, self.step, prefix="val/")
         if self.ckpt.record_validation(res):
             best_state = self.export(filename="best_model.safetensors")  # collective
-            if self.task.has_split("test"):  # kept (rank 0, CPU) to score the best model on the test split at the end
+            if self.task.report_split():  # kept (rank 0, CPU) to score the best model on the report split at the end
                 self.ckpt.best_state = best_state
         self.ckpt.write_results()
         best = self.ckpt.results["best"]
@@ -202,22 +204,24 @@ class Trainer:
         return res
 
     def test(self) -> dict[str, Any] | None:
-        """The best model by validation score, scored once on the dataset's test split (ChestX-ray14's official
-        test list): the number to report, never used to select anything. Runs after the final checkpoint, since it
-        loads the best weights into the model."""
+        """The best model by selection score, scored once on the task's report split (ChestX-ray14's official test
+        list, or the validation split when a selection split was carved from training): the number to report,
+        never used to select anything. Runs after the final checkpoint, since it loads the best weights into the
+        model."""
         best = self.ckpt.results["best"]
-        if best is None or not self.task.has_split("test"):
+        split = self.task.report_split()
+        if best is None or split is None:
             return None
         self.ckpt.load_best_into(self.engine.module)
         with self.engine.autocast_context():
-            res = self.task.validate(self.eval_context(), split="test")
+            res = self.task.validate(self.eval_context(), split=split)
         if res is None:
             return None
-        res = {"step": best["step"], **res}
+        res = {"step": best["step"], "split": split, **res}
         self.board.scalars({k: v for k, v in res.items() if isinstance(v, float)}, self.step, prefix="test/")
         self.ckpt.results["test"] = res
         self.ckpt.write_results()
-        logger.info("test split, best model (step %d): score %.4f", res["step"], res["score"])
+        logger.info("%s split, best model (step %d): score %.4f", split, res["step"], res["score"])
         return res
 
     # ---- training ---------------------------------------------------------------------------------------------------

@@ -321,6 +321,7 @@ def prepare(
     meta = {
         "key": spec.key,
         "split": spec.split,
+        **({"group": spec.group} if spec.group else {}),  # the patient: selection splits keep patients whole
         "shape": list(image.shape),
         "dtype": str(image.dtype),
         "label_shape": list(label.shape) if label is not None else None,

@@ -43,6 +43,7 @@ MANIFEST_EVERY_S = 60.0
 _MANIFEST_SAMPLE_FIELDS = (
     "key",
     "split",
+    "group",
     "shape",
     "dtype",
     "label_shape",
