@@ -176,9 +176,11 @@ def committed_step(run_url: str) -> int | None:
     checkpoint's files were uploaded already."""
     import fsspec
 
+    fs, path = fsspec.core.url_to_fs(f"{run_url}/checkpoint_manager_snapshot.json")
+    # One whole-object GET, no cached ETag: the controller rewrites the snapshot while we poll it (s3fs's buffered
+    # file would raise FileExpired on the second ranged read of an object replaced in between).
     try:
-        with fsspec.open(f"{run_url}/checkpoint_manager_snapshot.json", "rt") as f:
-            latest = json.load(f).get("latest_checkpoint_result")
+        latest = json.loads(fs.cat_file(path)).get("latest_checkpoint_result")
     except FileNotFoundError:
         return None
     return None if latest is None else int(latest["metrics"]["step"])

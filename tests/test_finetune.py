@@ -108,19 +108,21 @@ def test_selection_split_picks_the_checkpoint_and_the_validation_split_scores_it
     assert all(h["split"] == "selection" and h["volumes"] == 2 for h in history)
     assert best["score"] == max(h["score"] for h in history)  # picked on the selection split
     assert reported["split"] == "validation" and reported["step"] == best["step"] and reported["volumes"] == 2
-    # the reported number is the picked weights' score on the validation volumes (as the trainer ran them, in bf16)
+    # the reported number is the picked weights' score on the validation volumes, run as the trainer runs them
+    # (fp32 weights under bf16 autocast: the engine's torch-autocast mode)
     model, _ = load_finetuned(tmp_path / "runs" / "select" / "best_model.safetensors")
-    again = evaluate_segmentation(
-        model.to(torch.bfloat16),
-        build_val_loader(cfg.data, split="validation"),
-        roi=tuple(cfg.data.roi_size),
-        num_classes=3,
-        regions=False,
-        device=torch.device("cpu"),
-        dtype=torch.bfloat16,
-        sw_batch=cfg.finetune.sw_batch,
-        overlap=cfg.finetune.sw_overlap,
-    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        again = evaluate_segmentation(
+            model,
+            build_val_loader(cfg.data, split="validation"),
+            roi=tuple(cfg.data.roi_size),
+            num_classes=3,
+            regions=False,
+            device=torch.device("cpu"),
+            dtype=torch.bfloat16,
+            sw_batch=cfg.finetune.sw_batch,
+            overlap=cfg.finetune.sw_overlap,
+        )
     assert again["score"] == pytest.approx(reported["score"], abs=1e-6)
 
 

@@ -27,10 +27,12 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _wait(condition: Callable[[], bool], what: str, timeout: float, alive: Callable[[], bool]) -> None:
+def _wait(condition: Callable[[], bool], what: str, timeout: float, run: Background) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert alive(), f"the run ended while waiting for: {what}"
+        if not run.alive():
+            run.result(0)  # raises what ended it
+            raise AssertionError(f"the run ended while waiting for: {what}")
         assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for: {what}"
         time.sleep(0.2)
 
@@ -109,12 +111,12 @@ def test_elastic_pretraining_grows_onto_a_new_node_and_survives_losing_one(ray_c
             train_worker, {"config": to_dict(cfg)}, cfg.dist, run_name="elastic", keep_checkpoints=cfg.run.keep_last
         )
     )
-    _wait(lambda: any(m["step"] > 5 for m in losses()), "step 6 on one worker", 180, run.alive)
+    _wait(lambda: any(m["step"] > 5 for m in losses()), "step 6 on one worker", 180, run)
     second = ray_cluster.add()
-    _wait(lambda: len(starts()) == 2, "the restart on 2 workers", 120, run.alive)
+    _wait(lambda: len(starts()) == 2, "the restart on 2 workers", 120, run)
     grown = starts()[1]["step"]
     # a checkpoint of the 2-worker group, then lose the node of one of its workers
-    _wait(lambda: (committed_step(f"{storage}/elastic") or 0) > grown, "a 2-worker checkpoint", 120, run.alive)
+    _wait(lambda: (committed_step(f"{storage}/elastic") or 0) > grown, "a 2-worker checkpoint", 120, run)
     reported = committed_step(f"{storage}/elastic")
     ray_cluster.kill(second)
     result = run.result(timeout=240)
@@ -161,7 +163,8 @@ def test_sweep_trials_wait_for_nodes_and_a_lost_node_restarts_only_its_trial(ray
             "max_concurrent_trials=-1",
             "overrides.train.max_steps=24",
             "overrides.run.checkpoint_every=4",
-            "overrides.run.val_every=0",
+            "overrides.run.val_every=0",  # about nodes, not selection: each trial reports its last model
+            "selection=final",
             "overrides.run.log_every=1",
             "resources.max_failures=1",
         ],
@@ -175,13 +178,13 @@ def test_sweep_trials_wait_for_nodes_and_a_lost_node_restarts_only_its_trial(ray
     # Both trial drivers are up (on the head) and keep waiting for a worker, across the controller's retries of a
     # worker group that cannot be placed (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 5 s here).
     _wait(
-        lambda: all((trials / n / "trial_starts.jsonl").is_file() for n in names), "both trial drivers", 60, sweep.alive
+        lambda: all((trials / n / "trial_starts.jsonl").is_file() for n in names), "both trial drivers", 60, sweep
     )
     time.sleep(6)
     assert all(not (trials / n / "metrics.jsonl").exists() for n in names)
     first, _ = ray_cluster.add(), ray_cluster.add()
     committed = lambda n: committed_step(str(tmp_path / "sweeps" / cfg.name / "checkpoints" / n)) or 0  # noqa: E731
-    _wait(lambda: all(committed(n) >= 4 for n in names), "both trials past their first checkpoint", 180, sweep.alive)
+    _wait(lambda: all(committed(n) >= 4 for n in names), "both trials past their first checkpoint", 180, sweep)
     assert all(not (trials / n / "trial.json").exists() for n in names), "a trial ended before the node loss"
     ray_cluster.kill(first)  # takes the worker of one of the two trials
     ray_cluster.add()  # its replacement, as a cluster's autoscaler would bring
