@@ -177,9 +177,7 @@ def test_sweep_trials_wait_for_nodes_and_a_lost_node_restarts_only_its_trial(ray
     sweep = Background(lambda: run_sweep(cfg))
     # Both trial drivers are up (on the head) and keep waiting for a worker, across the controller's retries of a
     # worker group that cannot be placed (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 5 s here).
-    _wait(
-        lambda: all((trials / n / "trial_starts.jsonl").is_file() for n in names), "both trial drivers", 60, sweep
-    )
+    _wait(lambda: all((trials / n / "trial_starts.jsonl").is_file() for n in names), "both trial drivers", 60, sweep)
     time.sleep(6)
     assert all(not (trials / n / "metrics.jsonl").exists() for n in names)
     first, _ = ray_cluster.add(), ray_cluster.add()

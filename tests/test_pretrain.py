@@ -6,6 +6,9 @@ One local Ray session serves the module; each run is a few dozen steps of the de
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -55,7 +58,8 @@ def _events(cfg: JobConfig):
     return acc
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# ZeRO-2 (the debug default): test_killed_worker_restarts_from_checkpoint below and test_readme_path.py
+@pytest.mark.parametrize("stage", [1, 3])
 def test_two_workers_pretrain_loss_falls_and_writes_everything(ray_session, tmp_path, shards, stage):
     cfg = _config(
         tmp_path,
@@ -94,7 +98,16 @@ def test_two_workers_pretrain_loss_falls_and_writes_everything(ray_session, tmp_
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
-def test_killed_worker_restarts_from_checkpoint_and_rerun_resumes(ray_session, tmp_path, shards, monkeypatch):
+def test_killed_worker_restarts_from_checkpoint(ray_session, tmp_path, shards, monkeypatch):
+    """Rank 1 dies hard after step 6: the restarted worker group resumes from the step-4 checkpoint and clears the
+    checkpoint folder a rank killed mid-save left behind. (A finished run name re-run with more steps resumes:
+    test_faults.py and test_distributed_ray.py.)"""
+    from medmae.distributed.ray_launch import _HOST
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = Path(tempfile.gettempdir()) / f"medmae-ckpt-{dead.pid}-{_HOST}-step-00000004-test"
+    (orphan / "step-00000004").mkdir(parents=True)
     cfg = _config(
         tmp_path,
         shards,
@@ -112,10 +125,4 @@ def test_killed_worker_restarts_from_checkpoint_and_rerun_resumes(ray_session, t
     steps = [m["step"] for m in _metrics(cfg)]
     # Steps 1-6 ran, the worker died before step 7; the restarted group resumed from the step-4 checkpoint.
     assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8, 9, 10]
-    # Re-running the same name with a longer schedule continues from step 10, not from zero.
-    longer = _config(
-        tmp_path, shards, "run.name=fault", "train.max_steps=13", "run.checkpoint_every=4", "run.image_every=0"
-    )
-    result = _pretrain(longer)
-    assert result.error is None and result.metrics["step"] == 13
-    assert [m["step"] for m in _metrics(longer)][len(steps) :] == [11, 12, 13]
+    assert not orphan.exists()

@@ -206,52 +206,9 @@ def _run(cfg: SweepConfig) -> dict[str, Path]:
 
 
 @pytest.mark.slow
-def test_debug_sweep_writes_the_report(ray_session, tmp_path, assets):
-    cfg = _sweep_cfg(tmp_path, assets, "selection=final")  # validate once, at the end, on the selection split
-    paths = _run(cfg)
-    rows = _rows(paths["csv"])
-    assert sorted(r["trial"] for r in rows) == sorted(s.name for s in expand_grid(cfg))
-    assert len(rows) == 4 and {r["status"] for r in rows} == {"done"}
-    for r in rows:  # the final model, on the validation volumes; the selection split scored it too (for the lr)
-        assert r["step"] == "8" and r["split"] == "validation" and r["metric"] == "Dice"
-        for key in ("score", "select_score", "dice/class1", "dice/class2", "wall_time_s"):
-            assert math.isfinite(float(r[key])), (r["trial"], key)
-    # the mae trials start from the encoder (seeded unlike any trial), so they differ from scratch
-    by_name = {r["trial"]: r for r in rows}
-    assert by_name["mae-f1-lr3e-3-s0"]["score"] != by_name["scratch-f1-lr3e-3-s0"]["score"]
-    trial_cfg = yaml.safe_load((paths["csv"].parent / "trials/mae-f0.5-lr3e-3-s0/config.yaml").read_text())
-    assert trial_cfg["data"]["train_fraction"] == 0.5 and trial_cfg["finetune"]["pretrained"] == str(assets["encoder"])
-    summary = paths["summary"].read_text()
-    assert "| train fraction | scratch Dice | mae Dice |" in summary and "| 0.5 |" in summary and "| 1 |" in summary
-    assert "its final model (no checkpoint picked), scored on the validation split" in summary
-    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["plot"].stat().st_size > 5000
-
-
-@pytest.mark.slow
-def test_killed_worker_restarts_its_trial_from_the_checkpoint(ray_session, tmp_path, assets, monkeypatch):
-    monkeypatch.setenv("MEDMAE_TEST_FAIL_AT_STEP", "6")  # the sweep forwards MEDMAE_* to every trial's workers
-    cfg = _sweep_cfg(
-        tmp_path,
-        assets,
-        "name=fault",
-        "grid.init=[scratch]",
-        "grid.train_fraction=[1.0]",
-        "selection=final",
-        "resources.max_failures=1",
-    )
-    paths = _run(cfg)
-    run = paths["csv"].parent / "trials" / "scratch-f1-lr3e-3-s0"
-    assert [r["status"] for r in _rows(paths["csv"])] == ["done"]
-    assert (run / ".fail_injected").read_text() == "6"
-    steps = [m["step"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train/loss" in m]
-    # steps 1-6 ran, the worker died before step 7; the restarted worker group resumed from the step-4 checkpoint
-    assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]
-    assert len((run / "trial_starts.jsonl").read_text().splitlines()) == 1  # Tune did not restart the trial
-    assert json.loads((run / "results.json").read_text())["best"]["step"] == 8
-
-
-@pytest.mark.slow
-def test_killed_driver_rerun_skips_finished_trials(ray_session, tmp_path, assets):
+def test_killed_driver_rerun_skips_finished_trials_and_writes_the_report(ray_session, tmp_path, assets, monkeypatch):
+    """The sweep driver is killed (SIGKILL) after its first trial; the re-run runs only the other, whose worker dies
+    at step 6 and restarts from its step-4 checkpoint within the trial, then reports both."""
     args = [
         f"storage_path={tmp_path / 'sweeps'}",
         f"pretrained={assets['encoder']}",
@@ -260,6 +217,7 @@ def test_killed_driver_rerun_skips_finished_trials(ray_session, tmp_path, assets
         "overrides.train.max_steps=8",
         "overrides.run.val_every=4",
         "overrides.run.checkpoint_every=4",
+        "overrides.run.log_every=1",
         "grid.train_fraction=[1.0]",
         "max_concurrent_trials=1",
         f"finetune_config={REPO / 'configs/finetune_debug.yaml'}",
@@ -288,7 +246,9 @@ def test_killed_driver_rerun_skips_finished_trials(ray_session, tmp_path, assets
     before = {f: (done / f).stat().st_mtime_ns for f in ("trial.json", "results.json", "trial_starts.jsonl")}
     assert not (trials.parent / "results.csv").exists() or len(_rows(trials.parent / "results.csv")) == 2
 
+    monkeypatch.setenv("MEDMAE_TEST_FAIL_AT_STEP", "6")  # the sweep forwards MEDMAE_* to every trial's workers
     cfg = load_config(SweepConfig, DEBUG, args)
+    assert cfg.resources.max_failures == 1
     paths = _run(cfg)
     rows = {r["trial"]: r for r in _rows(paths["csv"])}
     assert set(rows) == {"scratch-f1-lr3e-3-s0", "mae-f1-lr3e-3-s0"}
@@ -298,3 +258,23 @@ def test_killed_driver_rerun_skips_finished_trials(ray_session, tmp_path, assets
     assert len((done / "trial_starts.jsonl").read_text().splitlines()) == 1
     other = trials / (set(rows) - {done.name}).pop()
     assert json.loads((other / "results.json").read_text())["best"]["step"] in (4, 8)
+    assert (other / ".fail_injected").read_text() == "6"
+    lines = map(json.loads, (other / "metrics.jsonl").read_text().splitlines())
+    steps = [m["step"] for m in lines if "train/loss" in m]
+    # steps 1-6 ran, the worker died before step 7; the restarted worker group resumed from the step-4 checkpoint
+    assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]
+    assert len((other / "trial_starts.jsonl").read_text().splitlines()) == 1  # Tune did not restart the trial
+
+    # the report: each trial's checkpoint picked on the selection split, scored once on the validation volumes
+    for r in rows.values():
+        assert r["step"] in ("4", "8") and r["split"] == "validation" and r["metric"] == "Dice"
+        for key in ("score", "select_score", "dice/class1", "dice/class2", "wall_time_s"):
+            assert math.isfinite(float(r[key])), (r["trial"], key)
+    # the mae trial starts from the encoder (seeded unlike any trial), so it differs from scratch
+    assert rows["mae-f1-lr3e-3-s0"]["score"] != rows["scratch-f1-lr3e-3-s0"]["score"]
+    trial_cfg = yaml.safe_load((trials / "mae-f1-lr3e-3-s0/config.yaml").read_text())
+    assert trial_cfg["data"]["train_fraction"] == 1.0 and trial_cfg["finetune"]["pretrained"] == str(assets["encoder"])
+    summary = paths["summary"].read_text()
+    assert "| train fraction | scratch Dice | mae Dice |" in summary and "| 1 |" in summary
+    assert "(selection: checkpoint)" in summary, summary
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["plot"].stat().st_size > 5000

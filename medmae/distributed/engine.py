@@ -70,6 +70,10 @@ def init_process_group(backend: str = "auto") -> tuple[int, int]:
     Returns ``(rank, world_size)``.
     """
     deepspeed = import_deepspeed()
+    # DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce op at init (~30 s of C++ compile on a fresh
+    # machine, then a file lock every process takes), used only by its inference_all_reduce, which we never call.
+    # Marking it incompatible is how DeepSpeed itself skips an op (the dict is cached for exactly such edits).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
         kwargs: dict[str, Any] = {}
         if "WORLD_SIZE" not in os.environ:
