@@ -157,3 +157,19 @@ def test_sigterm_saves_a_checkpoint_that_the_rerun_resumes_from(shards, tmp_path
     train(job(shards, tmp_path, "term", f"train.max_steps={saved + 2}"))
     starts = [json.loads(x)["step"] for x in (tmp_path / "term/starts.jsonl").read_text().splitlines()]
     assert starts == [0, saved]
+
+
+def test_a_checkpoint_from_before_a_new_model_key_resumes_only_at_that_keys_default():
+    """``norm_eps`` came after some checkpoints were written: their saved model config lacks it. They ran at its
+    default, so a run that keeps the default resumes them; one that changes it is a different architecture."""
+    from medmae.config import to_dict
+    from medmae.models import MAEConfig
+    from medmae.training.checkpoint import same_architecture_as
+
+    defaults = to_dict(MAEConfig())
+    current = to_dict(MAEConfig(depth=2))
+    old = {k: v for k, v in current.items() if k != "norm_eps"}
+    assert same_architecture_as(old, current, defaults) == current
+    other_eps = to_dict(MAEConfig(depth=2, norm_eps=1e-5))
+    assert same_architecture_as(old, other_eps, defaults) != other_eps
+    assert same_architecture_as(old, current, {}) != current  # without defaults: refused, as before

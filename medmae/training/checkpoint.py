@@ -85,6 +85,14 @@ def verify_checkpoint(ckpt: Path) -> str | None:
     return None
 
 
+def same_architecture_as(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` (a checkpoint's model config) as this version would write it, to compare with ``current``: a key
+    added to the model config after the checkpoint was written ran at its default (a new key's default keeps the old
+    behaviour), so it takes that default; ``grad_checkpointing`` changes memory, not the architecture."""
+    filled = {k: defaults[k] for k in current.keys() - saved.keys() if k in defaults}
+    return {k: v for k, v in {**filled, **saved}.items() if k != "grad_checkpointing"}
+
+
 class CheckpointManager:
     """Save, verify, resume and prune a run's checkpoints; keep its ``results.json`` and best model.
 
@@ -99,9 +107,11 @@ class CheckpointManager:
         identity: dict[str, Any],
         keep_last: int,
         results: dict[str, Any],
+        model_defaults: dict[str, Any] | None = None,
     ) -> None:
         self.run_dir, self.root, self.engine = run_dir, run_dir / "checkpoints", engine
         self.identity, self.keep_last = identity, keep_last
+        self.model_defaults = model_defaults or {}
         self.rank, self.world_size = engine.rank, engine.world_size
         self.results = results
         self.best_state: dict[str, torch.Tensor] = {}
@@ -143,7 +153,7 @@ class CheckpointManager:
         return {"step": 0}, None
 
     def _check_identity(self, ckpt: Path, state: dict[str, Any]) -> None:
-        saved = {k: v for k, v in (state.get("model") or {}).items() if k != "grad_checkpointing"}
+        saved = same_architecture_as(state.get("model") or {}, self.identity["model"], self.model_defaults)
         if saved != self.identity["model"] or state.get("model_name") != self.identity["model_name"]:
             raise ValueError(
                 f"checkpoint {ckpt} was written for model {state.get('model_name')} {saved}; this run builds "

@@ -124,7 +124,12 @@ class Trainer:
         }
         identity = {"model_name": cfg.model["name"], "model": to_dict(self.model_cfg)}
         self.ckpt = CheckpointManager(
-            self.run_dir, self.engine, identity=identity, keep_last=cfg.run.keep_last, results=results
+            self.run_dir,
+            self.engine,
+            identity=identity,
+            keep_last=cfg.run.keep_last,
+            results=results,
+            model_defaults=to_dict(type(self.model_cfg)()),
         )
         if self.rank == 0:
             save_config(
