@@ -49,7 +49,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 # The pre-registered label-efficiency study (README "See the method work", docs/study/PROTOCOL.md): MAE vs scratch on
-# real anatomy, ~20 min on 2 CPUs; re-running resumes. Report: runs/study/summary.md (STUDY_ARGS="--publish
+# real anatomy, ~15 min on 2 CPUs; re-running resumes. Report: runs/study/summary.md (STUDY_ARGS="--publish
 # docs/study" copies it to docs/); STUDY_ARGS="--smoke" runs every stage on a tiny budget (~2.5 min).
 .PHONY: study
 study: $(STAMP)
