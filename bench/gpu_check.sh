@@ -7,7 +7,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ]; then PY=.venv/bin/python; fi
-if ! "$PY" -c "import deepspeed, monai, webdataset" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+# Found, not imported: importing them would cost seconds of CPU before the check starts.
+HAVE='import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("deepspeed", "monai", "webdataset")))'
+if ! "$PY" -c "$HAVE" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/medmae-site .whl/*.whl \
     && export PYTHONPATH=/tmp/medmae-site${PYTHONPATH:+:$PYTHONPATH}
 fi

@@ -26,6 +26,7 @@ import posixpath
 import re
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -72,6 +73,8 @@ def forwarded_env() -> dict[str, str]:
 
 def in_ray_worker() -> bool:
     """True inside a function launched by Ray Train's ``trainer.fit()``."""
+    if "ray" not in sys.modules:
+        return False  # a Ray worker imports Ray before it runs anything; elsewhere, no need to pay ~1 s to import it
     try:
         from ray.train.v2._internal.util import _in_ray_train_worker
     except ImportError:  # Ray not installed: certainly not a Ray worker
