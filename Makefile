@@ -9,6 +9,9 @@ TORCH_VERSION ?= 2.13.0
 CONSTRAINTS := requirements/constraints-$(TORCH).txt
 STAMP := $(VENV)/.installed-$(TORCH)
 export RAY_USAGE_STATS_ENABLED ?= 0
+# Two pytest-xdist workers, one test module each at a time (tests/conftest.py says why and in which order): on 2
+# cores the suite is CPU-bound beyond that.
+TEST_WORKERS ?= 2
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/medmae/torch_extensions
 
 .PHONY: install demo demo-data test lint format bench clean
@@ -46,7 +49,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # The pre-registered label-efficiency study (README "See the method work", docs/study/PROTOCOL.md): MAE vs scratch on
 # real anatomy, ~15 min on 2 CPUs; re-running resumes. Report: runs/study/summary.md (STUDY_ARGS="--publish

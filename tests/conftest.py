@@ -3,6 +3,7 @@ nodes on this machine."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -12,26 +13,105 @@ import sys
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
 PHANTOM_SHAPE = (24, 24, 20)  # phantom_sets' volume shape
+
+# The modules that run real Ray / DeepSpeed jobs, longest first. `make test` runs the suite on two pytest-xdist
+# workers, one module at a time each (`--dist loadfile`), handing modules out in collection order
+# (`--no-loadscope-reorder`): the longest first, so no worker is left with a long one at the end.
+SLOW_MODULES_FIRST = (  # seconds each took under `make test` (two workers sharing 2 cores)
+    "test_multinode",  # 199
+    "test_readme_path",  # 167
+    "test_pretrain",  # 114
+    "test_sweep",  # 100
+    "test_distributed",  # 89
+    "test_finetune",  # 81
+    "test_object_store",  # 74
+    "test_predict_ray",  # 65
+    "test_gpu_check",  # 21
+    "test_convert_s3",  # 20
+    "test_rank_streams",  # 18
+    "test_resident",  # 11
+)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, each worker's torch (and every process it starts) gets its share of the cores: two workers
+    with two OpenMP threads each on 2 cores would spend CPU spinning rather than testing."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        cores = len(os.sched_getaffinity(0))
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // int(workers))))
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rpartition(".")[2], len(rank)))  # stable sort
+
+
+def load_script(path: str):
+    """A launcher or tool of the repository (``"tools/predict.py"``) as a module, to call its ``main(argv)`` here:
+    the same code as its command line without a new Python process."""
+    name = path.replace("/", "_").removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class LocalRay:
+    """The session's light local Ray: 2 CPUs, 200 MB object store, no dashboard, a short private temp dir.
+
+    Started by the first test module that asks for it and kept for the next ones (a start costs ~6 s of CPU in
+    Ray's own processes); the multi-node fixture, which connects this process to its own cluster, stops it first,
+    and the next module that asks starts it again."""
+
+    def __init__(self, temp: str) -> None:
+        self.temp = temp
+
+    def start(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+        # The Train controller polls workers every 2 s by default and a report waits for it; tests poll faster.
+        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
+        ray.init(
+            num_cpus=2,
+            object_store_memory=200 * 1024**2,
+            include_dashboard=False,
+            _temp_dir=self.temp,
+            log_to_driver=False,
+        )
+
+    def stop(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def _local_ray(s3_server):
+    """The session's ``LocalRay``. It starts after the S3 server, so its workers see the endpoint and credentials
+    as a cluster node sees its object store's (credentials are never forwarded to workers)."""
+    pytest.importorskip("ray")
+    local = LocalRay(f"/tmp/rs_{os.getpid()}")  # socket paths must stay short
+    yield local
+    local.stop()
 
 
 @pytest.fixture(scope="module")
-def ray_session(request):
-    """One light local Ray per test module: 2 CPUs, 200 MB object store, no dashboard, a short private temp dir."""
-    ray = pytest.importorskip("ray")
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    # The Train controller polls workers every 2 s by default and a report waits for it; tests poll faster.
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
-    temp = f"/tmp/r{request.module.__name__[-6:]}_{os.getpid()}"  # socket paths must stay short
-    ray.init(
-        num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False, _temp_dir=temp, log_to_driver=False
-    )
+def ray_session(_local_ray):
+    """The session's light local Ray (``LocalRay``), running for the module's tests."""
+    _local_ray.start()
     yield
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
 
 
 def _free_port() -> int:
@@ -282,6 +362,8 @@ def _ray_cluster_module(s3_server):
             },
         )
         try:
+            if ray.is_initialized():  # the session's local Ray (LocalRay): its next user starts it again
+                ray.shutdown()
             ray.init(address=cluster.address, log_to_driver=False)
             _fast_autoscaling_coordinator(ray, ray.get_runtime_context().get_node_id())
             yield ClusterNodes(cluster)

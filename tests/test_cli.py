@@ -3,19 +3,16 @@ the launcher would run (the case of the issue: overrides after --pretrained were
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _launcher(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_launcher", REPO / f"launch/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"launch/{name}.py")
 
 
 def test_finetune_takes_overrides_before_between_and_after_flags(tmp_path):

@@ -326,3 +326,30 @@ def test_resume_on_a_different_worker_count_continues_exactly(tmp_path, stage, p
     assert set(reference) == set(resumed)
     for name, value in reference.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+# -- a killed rank's checkpoint folder ---------------------------------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_orphaned_checkpoint_folders_of_this_hosts_dead_processes_are_removed(tmp_path):
+    from medmae.distributed.ray_launch import _HOST, remove_orphaned_checkpoint_dirs
+
+    dead = _dead_pid()
+    names = {
+        f"medmae-ckpt-{dead}-{_HOST}-step-00000004-x1": False,  # a killed rank's: removed
+        f"medmae-ckpt-{os.getpid()}-{_HOST}-step-00000004-x2": True,  # a live process's: kept
+        f"medmae-ckpt-{dead}-0123abcd-step-00000004-x3": True,  # another host's, in a shared folder: kept
+        "medmae-ckpt-odd": True,
+        "unrelated": True,
+    }
+    for name in names:
+        (tmp_path / name / "step-00000004").mkdir(parents=True)
+    removed = remove_orphaned_checkpoint_dirs(tmp_path)
+    assert {p.name for p in removed} == {n for n, kept in names.items() if not kept}
+    assert {p.name for p in tmp_path.iterdir()} == {n for n, kept in names.items() if kept}

@@ -51,16 +51,17 @@ def test_unetr_learns_an_easy_segmentation(tmp_path, seg_shards):
         tmp_path,
         seg_shards,
         "run.name=learn",
-        "train.max_steps=200",
-        "run.val_every=100",
-        "optim.lr=3e-3",
+        "train.max_steps=100",
+        "run.val_every=50",
+        "optim.lr=1.5e-2",  # mean Dice 0.48 at step 50, 0.96 at 100 (0.89 after 200 steps at 3e-3)
+        "optim.warmup_steps=5",
         "optim.layer_decay=1.0",
     )
     trainer = _trainer(cfg)
     trainer.train()
     run = tmp_path / "runs" / "learn"
     results = json.loads((run / "results.json").read_text())
-    assert [h["step"] for h in results["history"]] == [100, 200]
+    assert [h["step"] for h in results["history"]] == [50, 100]
     best = results["best"]
     assert best["mean_dice"] >= 0.8, best
     assert set(best["dice"]) == set(best["hd95"]) and len(best["dice"]) == 2  # background excluded
@@ -76,7 +77,7 @@ def test_unetr_learns_an_easy_segmentation(tmp_path, seg_shards):
 
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
-    assert [e.step for e in acc.Scalars("val/mean_dice")] == [100, 200]
+    assert [e.step for e in acc.Scalars("val/mean_dice")] == [50, 100]
 
 
 def test_selection_split_picks_the_checkpoint_and_the_validation_split_scores_it_once(tmp_path, seg_shards):

@@ -6,7 +6,6 @@ Expected values are computed here from the files and the rules as docs/plan.md s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 
 from medmae.data.convert.plan import ANISOTROPY, target_spacing
 from medmae.data.synthetic import make_phantom, write_dicom_series, write_phantom_dataset
@@ -25,10 +25,7 @@ PATCH = 8
 
 
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_cli", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"tools/{name}.py")
 
 
 def _plan(tmp_path: Path, src: Path, *extra: str) -> dict:

@@ -6,7 +6,6 @@ transpose, resampling or crop offset shows up as a wrong shape, affine or Dice.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from torch import nn
 
 from medmae.data.convert import ConvertOptions, convert
@@ -220,10 +220,7 @@ def test_model_file_errors(dataset, tmp_path):
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("predict_cli", Path(__file__).parents[1] / "tools" / "predict.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/predict.py")
 
 
 def test_cli_folder_with_bad_inputs(dataset, tmp_path, capsys):

@@ -9,7 +9,6 @@ is how "written once" is counted across processes and runs.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_bucket
+from conftest import load_script, make_bucket
 
 from medmae.data.convert import ConvertOptions
 from medmae.data.convert.preprocess import read_image
@@ -34,10 +33,7 @@ CASES = [f"case_{i:03d}.nii.gz" for i in range(5)]
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("predict_cli", REPO / "tools" / "predict.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/predict.py")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ that job prints, run as printed. HOME is the test's own, so the demo data (~/.ca
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import load_script
 
 from medmae.config import load_config
 from medmae.training.config import JobConfig
@@ -230,10 +230,7 @@ def _pretrain_job(clone: Path, env: dict, temp: str, log: Path) -> tuple[str, Pa
 
 
 def _launcher():
-    spec = importlib.util.spec_from_file_location("pretrain_launcher", REPO / "launch/pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("launch/pretrain.py")
 
 
 def test_a_relative_data_path_missing_from_a_jobs_upload_says_so(tmp_path, monkeypatch):

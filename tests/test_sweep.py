@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 import yaml
 
 from medmae.config import load_config
+from medmae.distributed.ray_launch import _HOST
 from medmae.models import create_model, save_encoder
 from medmae.sweep import SweepConfig, expand_grid, trial_job
 from medmae.sweep.report import write_report
@@ -208,7 +210,8 @@ def _run(cfg: SweepConfig) -> dict[str, Path]:
 @pytest.mark.slow
 def test_killed_driver_rerun_skips_finished_trials_and_writes_the_report(ray_session, tmp_path, assets, monkeypatch):
     """The sweep driver is killed (SIGKILL) after its first trial; the re-run runs only the other, whose worker dies
-    at step 6 and restarts from its step-4 checkpoint within the trial, then reports both."""
+    at step 6 and restarts from its step-4 checkpoint within the trial (clearing the checkpoint folder a rank killed
+    mid-save left behind), then reports both."""
     args = [
         f"storage_path={tmp_path / 'sweeps'}",
         f"pretrained={assets['encoder']}",
@@ -247,9 +250,14 @@ def test_killed_driver_rerun_skips_finished_trials_and_writes_the_report(ray_ses
     assert not (trials.parent / "results.csv").exists() or len(_rows(trials.parent / "results.csv")) == 2
 
     monkeypatch.setenv("MEDMAE_TEST_FAIL_AT_STEP", "6")  # the sweep forwards MEDMAE_* to every trial's workers
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = Path(tempfile.gettempdir()) / f"medmae-ckpt-{dead.pid}-{_HOST}-step-00000004-test"  # a killed rank's
+    (orphan / "step-00000004").mkdir(parents=True)
     cfg = load_config(SweepConfig, DEBUG, args)
     assert cfg.resources.max_failures == 1
     paths = _run(cfg)
+    assert not orphan.exists()
     rows = {r["trial"]: r for r in _rows(paths["csv"])}
     assert set(rows) == {"scratch-f1-lr3e-3-s0", "mae-f1-lr3e-3-s0"}
     assert {r["status"] for r in rows.values()} == {"done"}
